@@ -1,0 +1,7 @@
+"""Run nbiafs as ``python -m nbiafs``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
