@@ -1,0 +1,297 @@
+"""The FUSE adapter: kernel requests -> catalog (tree) and store (bytes), exceptions -> errno.
+
+This module owns only the glue to libfuse3 (through mfusepy): turning paths into attribute dicts,
+handing opens and reads to the instance store, refusing every write with EROFS, and mapping every
+exception with :func:`nbiafs.errors.errno_for` (the one mapping). It does no HTTP and keeps no
+caching policy of its own: listings and sizes come from :class:`nbiafs.catalog.Catalog`, bytes from
+:class:`nbiafs.store.InstanceStore`.
+
+Threads (token refresher, store workers) are started in :meth:`NbiaFS.init`, i.e. inside the FUSE
+main loop, and stopped in :meth:`NbiaFS.destroy`, so nothing is lost if the process was forked
+before mounting.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import mfusepy as fuse
+
+from .errors import NbiaError, ReadOnlyError, errno_for
+
+log = logging.getLogger(__name__)
+
+#: Preferred I/O size reported in st_blksize. Instances are 0.1-1 MB and always served whole from the
+#: cache file, so readers that size their buffers from st_blksize (cp, dd, Python's open()) read a
+#: typical instance in one or two requests instead of 32 4-KiB ones.
+DEFAULT_BLKSIZE = 1 << 20
+
+#: How long the kernel remembers that a name does not exist. Listings are immutable too, but a
+#: negative answer can come from a transient state (offline, a restricted collection before login),
+#: so it is kept shorter than the positive entry/attribute timeouts.
+DEFAULT_NEGATIVE_TIMEOUT = 60.0
+
+DIR_MODE = stat.S_IFDIR | 0o555
+FILE_MODE = stat.S_IFREG | 0o444
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _guarded(func: F) -> F:
+    """Run a FUSE handler; turn any exception into FuseOSError(errno_for(exc)), logging by kind."""
+
+    @functools.wraps(func)
+    def wrapper(self: NbiaFS, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(self, *args, **kwargs)
+        except fuse.FuseOSError:
+            raise
+        except NbiaError as exc:
+            code = errno_for(exc)
+            level = logging.DEBUG if code in (errno.ENOENT, errno.EROFS) else logging.INFO
+            log.log(level, "%s%r -> %s: %s", func.__name__, args[:1], errno.errorcode.get(code, code), exc)
+            raise fuse.FuseOSError(code) from exc
+        except Exception as exc:  # the kernel must get an errno, whatever happened below
+            code = errno_for(exc)
+            log.exception("unexpected error in %s%r -> %s", func.__name__, args[:1],
+                          errno.errorcode.get(code, code))
+            raise fuse.FuseOSError(code) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _read_only(func: F) -> F:
+    """A write operation: always EROFS."""
+
+    @functools.wraps(func)
+    def wrapper(self: NbiaFS, *args: Any, **kwargs: Any) -> Any:
+        log.debug("%s%r refused: read-only file system", func.__name__, args[:1])
+        raise fuse.FuseOSError(errno_for(ReadOnlyError(func.__name__)))
+
+    return wrapper  # type: ignore[return-value]
+
+
+class NbiaFS(fuse.Operations):
+    """The read-only file system: Collection / Patient / Study / Series / instance files.
+
+    ``catalog`` answers ``lookup``/``children`` with :class:`nbiafs.catalog.Node`; ``store`` opens and
+    reads instances. ``tokens`` (optional) is started in ``init`` and closed in ``destroy``.
+    ``on_ready(error)`` is called once from ``init`` with ``None`` when the mount is usable, or with
+    the exception that kept the background services from starting.
+    """
+
+    use_ns = True  # times are integer nanoseconds
+
+    def __init__(self, catalog: Any, store: Any, *, tokens: Any | None = None,
+                 prefetch: bool = True, uid: int | None = None, gid: int | None = None,
+                 blksize: int = DEFAULT_BLKSIZE,
+                 on_ready: Callable[[BaseException | None], None] | None = None,
+                 on_destroy: Callable[[], None] | None = None) -> None:
+        self.catalog = catalog
+        self.store = store
+        self.tokens = tokens
+        self.prefetch_enabled = prefetch
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self.blksize = blksize
+        self._on_ready = on_ready
+        self._on_destroy = on_destroy
+
+    # ------------------------------------------------------------------ lifecycle
+    def init(self, path: str) -> None:
+        """Start the background services (after any fork), then report readiness."""
+        error: BaseException | None = None
+        try:
+            if self.tokens is not None:
+                self.tokens.start()
+            self.store.start()
+        except Exception as exc:  # reported to the parent through on_ready; the mount then exits
+            log.exception("could not start the background services")
+            error = exc
+        if self._on_ready is not None:
+            try:
+                self._on_ready(error)
+            except Exception:
+                log.exception("on_ready callback failed")
+        if error is not None:
+            fuse.fuse_exit()
+
+    def destroy(self, path: str) -> None:
+        """Stop the store's workers and the token refresher (logging out)."""
+        for name, stop in (("store", getattr(self.store, "close", None)),
+                           ("tokens", getattr(self.tokens, "close", None))):
+            if stop is None:
+                continue
+            try:
+                stop()
+            except Exception:
+                log.exception("error while stopping the %s", name)
+        if self._on_destroy is not None:
+            try:
+                self._on_destroy()
+            except Exception:
+                log.exception("on_destroy callback failed")
+
+    # ------------------------------------------------------------------ attributes
+    def _attrs(self, node: Any) -> dict[str, Any]:
+        mtime_ns = int(round(float(node.mtime) * 1e9))
+        is_dir = node.kind != "instance"
+        size = 0 if is_dir else int(node.size)
+        return {
+            "st_mode": DIR_MODE if is_dir else FILE_MODE,
+            "st_nlink": 2 if is_dir else 1,
+            "st_ino": int(node.ino) & 0xFFFFFFFFFFFFFFFF,
+            "st_size": size,
+            "st_blocks": (size + 511) // 512,
+            "st_blksize": self.blksize,
+            "st_uid": self.uid,
+            "st_gid": self.gid,
+            "st_mtime": mtime_ns,
+            "st_ctime": mtime_ns,
+            "st_atime": mtime_ns,
+        }
+
+    @_guarded
+    def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
+        return self._attrs(self.catalog.lookup(path))
+
+    @_guarded
+    def access(self, path: str, amode: int) -> int:
+        self.catalog.lookup(path)
+        if amode & os.W_OK:
+            raise ReadOnlyError(path)
+        return 0
+
+    @_guarded
+    def statfs(self, path: str) -> dict[str, int]:
+        return {"f_bsize": self.blksize, "f_frsize": 512, "f_blocks": 0, "f_bfree": 0,
+                "f_bavail": 0, "f_files": 0, "f_ffree": 0, "f_favail": 0, "f_namemax": 255}
+
+    # ------------------------------------------------------------------ directories
+    @_guarded
+    def opendir(self, path: str) -> int:
+        node = self.catalog.lookup(path)
+        if node.kind == "instance":
+            raise fuse.FuseOSError(errno.ENOTDIR)
+        return 0
+
+    @_guarded
+    def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, Any], int]]:
+        node = self.catalog.lookup(path)
+        if node.kind == "instance":
+            raise fuse.FuseOSError(errno.ENOTDIR)
+        children = self.catalog.children(path)
+        here = self._attrs(node)
+        entries: list[tuple[str, dict[str, Any], int]] = [(".", here, 0), ("..", {"st_mode": DIR_MODE}, 0)]
+        entries.extend((child.path.rsplit("/", 1)[-1], self._attrs(child), 0) for child in children)
+        return entries
+
+    # ------------------------------------------------------------------ files
+    @_guarded
+    def open(self, path: str, fi: Any) -> int:
+        if fi.flags & _WRITE_FLAGS:
+            raise ReadOnlyError(path)
+        node = self.catalog.lookup(path)
+        if node.kind != "instance":
+            raise fuse.FuseOSError(errno.EISDIR)
+        fi.fh = self.store.open(node)
+        fi.keep_cache = 1  # files never change: keep the kernel page cache across opens
+        if self.prefetch_enabled:
+            self._prefetch_series_of(node)
+        return 0
+
+    def _prefetch_series_of(self, node: Any) -> None:
+        """Tell the store's prefetch policy that ``node`` was opened (it decides what to fetch)."""
+        try:
+            siblings = self.catalog.children(node.path.rsplit("/", 1)[0] or "/")
+            self.store.on_open(node, [n for n in siblings if n.kind == "instance"])
+        except Exception:  # prefetch is an optimisation: never fail the open for it
+            log.warning("could not schedule the prefetch of series %s", node.series_uid, exc_info=True)
+
+    @_guarded
+    def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
+        return self.store.read(fi.fh, size, offset)
+
+    @_guarded
+    def release(self, path: str, fi: Any) -> int:
+        self.store.release(fi.fh)
+        return 0
+
+    def flush(self, path: str, fi: Any) -> int:
+        return 0
+
+    # ------------------------------------------------------------------ writes: all refused
+    @_read_only
+    def write(self, path: str, data: bytes, offset: int, fh: Any) -> int: ...
+
+    @_read_only
+    def create(self, path: str, mode: int, fi: Any = None) -> int: ...
+
+    @_read_only
+    def mkdir(self, path: str, mode: int) -> int: ...
+
+    @_read_only
+    def mknod(self, path: str, mode: int, dev: int) -> int: ...
+
+    @_read_only
+    def unlink(self, path: str) -> int: ...
+
+    @_read_only
+    def rmdir(self, path: str) -> int: ...
+
+    @_read_only
+    def rename(self, old: str, new: str) -> int: ...
+
+    @_read_only
+    def chmod(self, path: str, mode: int) -> int: ...
+
+    @_read_only
+    def chown(self, path: str, uid: int, gid: int) -> int: ...
+
+    @_read_only
+    def truncate(self, path: str, length: int, fh: Any = None) -> int: ...
+
+    @_read_only
+    def utimens(self, path: str, times: Any = None) -> int: ...
+
+    @_read_only
+    def symlink(self, target: str, source: str) -> int: ...
+
+    @_read_only
+    def link(self, target: str, source: str) -> int: ...
+
+    @_read_only
+    def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int: ...
+
+    @_read_only
+    def removexattr(self, path: str, name: str) -> int: ...
+
+
+def mount_options(kernel_timeout: float, negative_timeout: float = DEFAULT_NEGATIVE_TIMEOUT) -> dict[str, Any]:
+    """The libfuse options of every nbiafs mount (read-only, long kernel caches, stable inodes)."""
+    return {
+        "ro": True,
+        "fsname": "nbiafs",
+        "subtype": "nbiafs",
+        "use_ino": True,
+        "entry_timeout": kernel_timeout,
+        "attr_timeout": kernel_timeout,
+        "negative_timeout": negative_timeout,
+        "default_permissions": True,
+    }
+
+
+def serve(operations: NbiaFS, mountpoint: str, *, kernel_timeout: float,
+          negative_timeout: float = DEFAULT_NEGATIVE_TIMEOUT, debug: bool = False) -> None:
+    """Mount and run the FUSE main loop in this process (multithreaded) until unmounted."""
+    fuse.FUSE(operations, mountpoint, raw_fi=True, foreground=True, nothreads=False, debug=debug,
+              **mount_options(kernel_timeout, negative_timeout))
+
