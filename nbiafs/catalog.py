@@ -1,0 +1,354 @@
+"""The lazy tree: Collection / Patient / Study / Series directories and instance files as nodes.
+
+Owns: turning paths into :class:`Node` objects, listing a directory the first time it is needed
+(one metadata call per level, two per series with the drill-down), naming (via :mod:`nbiafs.naming`)
+and keeping listings (via :mod:`nbiafs.metacache`). Costs, which tests count:
+
+* listing ``/``, a collection, a patient or a study: one client call; a series: two
+  (``study_drilldown`` + ``image_drilldown``), or ``sop_instance_uids`` plus one probe per instance;
+* ``lookup`` of anything whose parent was listed, or of an unknown name in a listed parent: zero;
+* a deep ``lookup`` of a never-listed path lists each missing ancestor once;
+* concurrent listings of one directory: one call (single-flight per key in the metadata cache).
+
+Exact sizes: from ``getImageDrillDown``; where the drill-down is unavailable (``use_drilldown=False``,
+the advanced API refuses, or it does not know the series) sizes are learned by fetching each instance
+through ``probe(series_uid, sop_uid) -> (size, instance_number)`` (the store does this and keeps the
+bytes). Without a probe that is a :class:`ProtocolError`: sizes are never guessed.
+
+Node identity: ``ino`` is a 63-bit blake2b hash of (namespace, kind, identifiers), stable across
+remounts and never 0 or 1 (1 is the root); ``mtime`` comes from metadata dates, never from now().
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import cachetools
+
+from . import naming
+from .errors import BadRequestError, ForbiddenError, NotFoundError, OfflineError, ProtocolError
+from .metacache import MetadataCache
+from .records import Collection, DrillDownStudy, Instance, Patient, Series, Study
+
+log = logging.getLogger(__name__)
+
+#: mtime of nodes without a date (root, collections, patients, undated studies): 2000-01-01 UTC.
+#: Fixed so that pydicom's "file changed" check never fires; any constant would do.
+DEFAULT_MTIME = 946684800.0
+ROOT_INO = 1
+#: Built listings (name -> Node) kept per catalog; the records behind them live in the MetadataCache.
+LISTINGS_MAXSIZE = 1024
+#: Parallel probes when sizes must be learned by fetching (without the drill-down).
+PROBE_WORKERS = 8
+
+Probe = Callable[[str, str], "tuple[int, int | None]"]
+
+
+class _Client(Protocol):  # the part of NbiaClient the catalog uses
+    def collections(self) -> list[Collection]: ...
+    def patients(self, collection: str) -> list[Patient]: ...
+    def studies(self, collection: str, patient_id: str | None = None,
+                study_uid: str | None = None) -> list[Study]: ...
+    def series(self, collection: str | None = None, patient_id: str | None = None,
+               study_uid: str | None = None, series_uid: str | None = None,
+               modality: str | None = None) -> list[Series]: ...
+    def sop_instance_uids(self, series_uid: str) -> list[str]: ...
+    def study_drilldown(self, series_uids: Sequence[str]) -> list[DrillDownStudy]: ...
+    def image_drilldown(self, series_pk_ids: Sequence[int]) -> list[Instance]: ...
+
+
+@dataclass(frozen=True)
+class Node:
+    """One entry of the tree: a directory (root/collection/patient/study/series) or an instance."""
+
+    kind: str  # "root" | "collection" | "patient" | "study" | "series" | "instance"
+    path: str  # "/Coll/Patient/Study/Series/1-001.dcm"
+    ino: int
+    mtime: float
+    size: int = 0  # exact bytes for instances, 0 for directories
+    collection: str | None = None
+    patient_id: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    sop_uid: str | None = None
+    image_count: int | None = None  # series: ImageCount announced by getSeries, when known
+    instance_number: int | None = None  # instance: InstanceNumber, when known
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind != "instance"
+
+    @property
+    def nlink(self) -> int:
+        return 2 if self.is_dir else 1
+
+
+def stable_ino(namespace: str, kind: str, *ids: object) -> int:
+    """A 63-bit inode number from (namespace, kind, ids); never 0 or 1."""
+    blob = json.dumps([namespace, kind, *[None if i is None else str(i) for i in ids]],
+                      ensure_ascii=False).encode("utf-8")
+    value = int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "big") & (2**63 - 1)
+    return value if value > ROOT_INO else value + 2
+
+
+def _epoch(value: dt.date | dt.datetime | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime):
+        when = value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+    else:
+        when = dt.datetime(value.year, value.month, value.day, tzinfo=dt.timezone.utc)
+    try:
+        return when.timestamp()
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _join(parent: str, name: str) -> str:
+    return "/" + name if parent == "/" else f"{parent}/{name}"
+
+
+def _split(path: str) -> list[str]:
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise NotFoundError(f"not an absolute path: {path!r}")
+    parts = [p for p in path.split("/") if p]
+    for part in parts:
+        if part in (".", ".."):
+            raise NotFoundError(f"no such path: {path!r}")
+    return parts
+
+
+def _is_list_of(kind: type) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, list) and all(isinstance(x, kind) for x in value)
+
+
+class Catalog:
+    """The tree of one mount, listed lazily from the client through the metadata cache."""
+
+    def __init__(self, client: _Client, meta: MetadataCache, *, layout: str = "descriptive",
+                 offline: bool = False, use_drilldown: bool = True,
+                 on_series_listed: Callable[[Node, list[Node]], None] | None = None,
+                 probe: Probe | None = None, probe_workers: int = PROBE_WORKERS) -> None:
+        if layout not in naming.LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}")
+        self.client = client
+        self.meta = meta
+        self.layout = layout
+        self.offline = offline
+        self.use_drilldown = use_drilldown
+        self.on_series_listed = on_series_listed
+        self.probe = probe
+        self.probe_workers = max(1, probe_workers)
+        self.namespace = meta.namespace
+        self.root = Node("root", "/", ROOT_INO, DEFAULT_MTIME)
+        self._listings: cachetools.TTLCache[str, dict[str, Node]] = cachetools.TTLCache(
+            LISTINGS_MAXSIZE, meta.ttl)
+        self._lock = threading.Lock()  # guards _listings only
+
+    # -- public -------------------------------------------------------------------------------
+    def lookup(self, path: str) -> Node:
+        """The node at ``path``; lists missing ancestors once each. NotFoundError, ForbiddenError."""
+        node = self.root
+        for name in _split(path):
+            if not node.is_dir:
+                raise NotFoundError(f"not a directory: {node.path}")
+            child = self._listing(node).get(name)
+            if child is None:
+                raise NotFoundError(f"no such file or directory: {_join(node.path, name)}")
+            node = child
+        return node
+
+    def children(self, path: str) -> list[Node]:
+        """The entries of the directory at ``path``, sorted by name."""
+        node = self.lookup(path)
+        if not node.is_dir:
+            raise NotFoundError(f"not a directory: {node.path}")
+        return list(self._listing(node).values())
+
+    def instance(self, path: str) -> Node:
+        """The instance node at ``path`` (NotFoundError for a directory or an unknown name)."""
+        node = self.lookup(path)
+        if node.kind != "instance":
+            raise NotFoundError(f"not a DICOM instance file: {path}")
+        return node
+
+    # -- listings -----------------------------------------------------------------------------
+    def _listing(self, node: Node) -> dict[str, Node]:
+        with self._lock:
+            built = self._listings.get(node.path)
+        if built is not None:
+            return built
+        builder = {
+            "root": self._list_root,
+            "collection": self._list_collection,
+            "patient": self._list_patient,
+            "study": self._list_study,
+            "series": self._list_series,
+        }[node.kind]
+        built = builder(node)
+        with self._lock:
+            self._listings[node.path] = built
+        if node.kind == "series" and self.on_series_listed is not None:
+            try:
+                self.on_series_listed(node, list(built.values()))
+            except Exception:  # noqa: BLE001 - a hook must never break listing
+                log.warning("on_series_listed hook failed for %s", node.path, exc_info=True)
+        return built
+
+    def _load(self, what: str, ids: tuple[object, ...], loader: Callable[[], list[Any]],
+              kind: type) -> list[Any]:
+        def guarded() -> list[Any]:
+            if self.offline:
+                raise OfflineError(f"offline and not cached: the {what} listing of {'/'.join(map(str, ids)) or '/'}")
+            result = list(loader())
+            if not _is_list_of(kind)(result):
+                raise ProtocolError(f"the client returned something other than {kind.__name__} records")
+            return result
+
+        return self.meta.get_or_load(what, ids, guarded, validate=_is_list_of(kind))
+
+    def _list_root(self, node: Node) -> dict[str, Node]:
+        records = self._load("collections", (), self.client.collections, Collection)
+        records = [c for c in records if c.name]
+        named = naming.assign_unique(records, lambda c: naming.collection_dirname(c.name, self.layout),
+                                     lambda c: c.name)
+        return {name: Node("collection", _join(node.path, name),
+                           stable_ino(self.namespace, "collection", c.name), DEFAULT_MTIME,
+                           collection=c.name)
+                for name, c in named.items()}
+
+    def _list_collection(self, node: Node) -> dict[str, Node]:
+        coll = node.collection
+        assert coll is not None
+        records = self._load("patients", (coll,), lambda: self.client.patients(coll), Patient)
+        kept = self._drop_unnamed(records, "patient_id", node)
+        named = naming.assign_unique(kept, lambda p: naming.patient_dirname(p.patient_id, self.layout),
+                                     lambda p: p.patient_id)
+        return {name: Node("patient", _join(node.path, name),
+                           stable_ino(self.namespace, "patient", coll, p.patient_id), DEFAULT_MTIME,
+                           collection=coll, patient_id=p.patient_id)
+                for name, p in named.items()}
+
+    def _list_patient(self, node: Node) -> dict[str, Node]:
+        coll, pid = node.collection, node.patient_id
+        assert coll is not None and pid is not None
+        records = self._load("studies", (coll, pid), lambda: self.client.studies(coll, pid), Study)
+        kept = self._drop_unnamed(records, "study_uid", node)
+        named = naming.assign_unique(kept, lambda s: naming.study_dirname(s, self.layout),
+                                     lambda s: s.study_uid)
+        return {name: Node("study", _join(node.path, name),
+                           stable_ino(self.namespace, "study", coll, pid, s.study_uid),
+                           _epoch(s.date) or DEFAULT_MTIME,
+                           collection=coll, patient_id=pid, study_uid=s.study_uid)
+                for name, s in named.items()}
+
+    def _list_study(self, node: Node) -> dict[str, Node]:
+        coll, pid, study = node.collection, node.patient_id, node.study_uid
+        assert coll is not None and pid is not None and study is not None
+        records = self._load("series", (coll, pid, study),
+                             lambda: self.client.series(collection=coll, patient_id=pid, study_uid=study),
+                             Series)
+        kept = [s for s in self._drop_unnamed(records, "series_uid", node)
+                if not s.study_uid or s.study_uid == study]
+        if len(kept) != len([s for s in records if s.series_uid]):
+            log.warning("ignored series of other studies in the listing of %s", node.path)
+        named = naming.assign_unique(kept, lambda s: naming.series_dirname(s, self.layout),
+                                     lambda s: s.series_uid)
+        return {name: Node("series", _join(node.path, name),
+                           stable_ino(self.namespace, "series", coll, pid, study, s.series_uid),
+                           _epoch(s.date) or _epoch(s.timestamp) or node.mtime,
+                           collection=coll, patient_id=pid, study_uid=study, series_uid=s.series_uid,
+                           image_count=s.image_count)
+                for name, s in named.items()}
+
+    def _list_series(self, node: Node) -> dict[str, Node]:
+        series_uid = node.series_uid
+        assert series_uid is not None
+        records = self._load("instances", (series_uid,), lambda: self._fetch_instances(node), Instance)
+        named = naming.instance_filenames(records, self.layout)
+        return {name: Node("instance", _join(node.path, name),
+                           stable_ino(self.namespace, "instance", node.collection, node.patient_id,
+                                      node.study_uid, series_uid, i.sop_uid),
+                           node.mtime, size=int(i.size or 0),
+                           collection=node.collection, patient_id=node.patient_id,
+                           study_uid=node.study_uid, series_uid=series_uid, sop_uid=i.sop_uid,
+                           instance_number=i.number)
+                for name, i in named.items()}
+
+    @staticmethod
+    def _drop_unnamed(records: list[Any], field: str, node: Node) -> list[Any]:
+        # An empty identifier would widen the next query (no filter = everything): never list it.
+        kept = [r for r in records if getattr(r, field)]
+        if len(kept) != len(records):
+            log.warning("ignored %d entries without %s in %s", len(records) - len(kept), field, node.path)
+        return kept
+
+    # -- instances of a series ----------------------------------------------------------------
+    def _fetch_instances(self, node: Node) -> list[Instance]:
+        series_uid = node.series_uid
+        assert series_uid is not None
+        instances = self._drilldown(series_uid) if self.use_drilldown else None
+        if instances is None:
+            instances = self._probe_all(series_uid, self.client.sop_instance_uids(series_uid))
+        elif any(i.size is None for i in instances):
+            sized = [i for i in instances if i.size is not None]
+            unsized = [i for i in instances if i.size is None]
+            log.info("drill-down gave no size for %d instances of %s; fetching them", len(unsized), series_uid)
+            learned = {i.sop_uid: i for i in self._probe_all(series_uid, [i.sop_uid for i in unsized])}
+            instances = sized + [Instance(i.sop_uid, series_uid, i.number if i.number is not None
+                                          else learned[i.sop_uid].number, learned[i.sop_uid].size,
+                                          i.study_uid, i.image_pk_id) for i in unsized]
+        expected = node.image_count
+        if expected is not None and expected != len({i.sop_uid for i in instances}):
+            log.warning("series %s: the server announced %d images but lists %d",
+                        series_uid, expected, len(instances))
+        return instances
+
+    def _drilldown(self, series_uid: str) -> list[Instance] | None:
+        """Instances with exact sizes from the advanced API, or None when it cannot tell."""
+        try:
+            studies = self.client.study_drilldown([series_uid])
+            pk = next((s.series_pk_id for st in studies for s in st.series if s.series_uid == series_uid), None)
+            if pk is None:
+                log.info("drill-down does not know series %s; falling back to getSOPInstanceUIDs", series_uid)
+                return None
+            found = self.client.image_drilldown([pk])
+        except (ForbiddenError, BadRequestError) as exc:
+            log.info("drill-down unavailable for %s (%s); falling back to getSOPInstanceUIDs", series_uid, exc)
+            return None
+        others = [i for i in found if i.series_uid != series_uid]
+        if others:
+            log.warning("drill-down of %s returned %d instances of other series; ignored", series_uid, len(others))
+        return [i for i in found if i.series_uid == series_uid and i.sop_uid]
+
+    def _probe_all(self, series_uid: str, sop_uids: list[str]) -> list[Instance]:
+        sop_uids = sorted({u for u in sop_uids if u})
+        if not sop_uids:
+            return []
+        probe = self.probe
+        if probe is None:
+            raise ProtocolError(f"cannot learn the exact file sizes of series {series_uid}: the drill-down "
+                                "API is unavailable and no fetching probe was given")
+
+        def one(sop_uid: str) -> Instance:
+            size, number = probe(series_uid, sop_uid)
+            if not isinstance(size, int) or size < 0:
+                raise ProtocolError(f"probe gave an invalid size for {sop_uid}: {size!r}")
+            return Instance(sop_uid, series_uid, number=number, size=size)
+
+        if len(sop_uids) == 1 or self.probe_workers == 1:
+            return [one(u) for u in sop_uids]
+        pool = ThreadPoolExecutor(max_workers=min(self.probe_workers, len(sop_uids)),
+                                  thread_name_prefix="nbiafs-probe")
+        try:
+            return list(pool.map(one, sop_uids))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,195 @@
+"""The metadata cache: listings (lists of records) in memory over a persistent on-disk cache.
+
+Owns: where listings are kept, for how long, under which keys, and single-flight loading (one
+loader call per key however many threads ask at once; a lock per key, never one global lock held
+while loading, so a slow listing never blocks another).
+
+* Memory: a ``cachetools.TTLCache`` (``ttl`` seconds, ``maxsize`` listings), guarded by a lock.
+* Disk: a ``diskcache.Cache`` at ``path`` (``cache_dir/"metadata"``), entries expire after
+  ``disk_ttl`` seconds (30 days by default: published TCIA data does not change). ``path=None``
+  keeps everything in memory only.
+* Keys are ``(SCHEMA_VERSION, namespace, what, *ids)``; the namespace is the server URL plus the
+  account name, so a guest mount never sees what a named account listed.
+
+Only answers are cached, never errors (a loader that raises caches nothing). Empty listings are
+cached: the client verifies an empty answer against auth before returning it. A disk entry that
+cannot be read (corrupt, from another schema) is dropped and loaded again; a disk that cannot be
+written (full, read-only) is logged once and the cache keeps serving from memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import Any
+
+import cachetools
+import diskcache
+
+from .errors import ServerError
+
+log = logging.getLogger(__name__)
+
+#: Bump when the shape of cached records changes: old disk entries are then ignored.
+SCHEMA_VERSION = 1
+#: Disk entries live 30 days: TCIA data is immutable once published; new series appear rarely.
+DEFAULT_DISK_TTL = 30 * 24 * 3600.0
+#: Listings kept in memory (a listing is one directory: a few records up to a few thousand).
+DEFAULT_MAXSIZE = 4096
+#: How long a thread waits for another thread's load of the same key before giving up. The loader is
+#: bounded by the client's own deadline; this only guarantees that nothing waits forever.
+DEFAULT_WAIT_TIMEOUT = 600.0
+
+_MISSING = object()
+
+
+class _Flight:
+    """One load in progress: waiters block on ``done`` and share its value or exception."""
+
+    __slots__ = ("done", "value", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: Any = _MISSING
+        self.error: BaseException | None = None
+
+
+class MetadataCache:
+    """Listings by key, in memory and on disk, loaded at most once at a time per key."""
+
+    def __init__(self, path: Path | None, namespace: str, ttl: float,
+                 disk_ttl: float | None = DEFAULT_DISK_TTL, maxsize: int = DEFAULT_MAXSIZE, *,
+                 wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
+                 timer: Callable[[], float] = time.monotonic) -> None:
+        if ttl <= 0:
+            raise ValueError("ttl must be positive")
+        self.namespace = namespace
+        self.ttl = ttl
+        self.disk_ttl = disk_ttl
+        self.wait_timeout = wait_timeout
+        self._memory: cachetools.TTLCache[Hashable, Any] = cachetools.TTLCache(maxsize, ttl, timer)
+        self._lock = threading.Lock()  # guards _memory and _flights; never held while loading
+        self._flights: dict[Hashable, _Flight] = {}
+        self._disk: diskcache.Cache | None = None
+        self._disk_write_failed = False
+        if path is not None:
+            try:
+                Path(path).mkdir(parents=True, exist_ok=True)
+                self._disk = diskcache.Cache(str(path))
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("metadata cache at %s unusable (%s); keeping metadata in memory only", path, exc)
+
+    # -- keys ---------------------------------------------------------------------------------
+    def key(self, what: str, *ids: object) -> tuple[object, ...]:
+        """The full cache key of a listing."""
+        return (SCHEMA_VERSION, self.namespace, what, *ids)
+
+    # -- plain access -------------------------------------------------------------------------
+    def get(self, what: str, *ids: object, default: Any = None) -> Any:
+        """The cached value of ``(what, *ids)`` from memory or disk, or ``default``."""
+        value = self._lookup(self.key(what, *ids))
+        return default if value is _MISSING else value
+
+    def put(self, what: str, *ids: object, value: Any) -> None:
+        """Keep ``value`` in memory and on disk."""
+        self._store(self.key(what, *ids), value)
+
+    def get_or_load(self, what: str, ids: tuple[object, ...], loader: Callable[[], Any],
+                    validate: Callable[[Any], bool] | None = None) -> Any:
+        """The cached value, else ``loader()``'s result, cached. One loader call per key at a time.
+
+        Threads asking for a key that is being loaded wait for that load and share its value or
+        its exception (which is not cached). ``validate`` rejects a cached value of the wrong shape
+        (treated as corrupt: dropped and loaded again).
+        """
+        key = self.key(what, *ids)
+        value = self._lookup(key, validate)
+        if value is not _MISSING:
+            return value
+        with self._lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if leader:
+                flight = self._flights[key] = _Flight()
+        assert flight is not None
+        if not leader:
+            if not flight.done.wait(self.wait_timeout):
+                raise ServerError(f"timed out after {self.wait_timeout:.0f}s waiting for a listing of {what}")
+            if flight.error is not None:
+                raise flight.error
+            return flight.value
+        try:
+            value = self._lookup(key, validate)  # another leader may have finished just before us
+            if value is _MISSING:
+                value = loader()
+                self._store(key, value)
+            flight.value = value
+            return value
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            with self._lock:
+                self._flights.pop(key, None)
+            flight.done.set()
+
+    def close(self) -> None:
+        """Close the disk cache (memory stays usable)."""
+        disk, self._disk = self._disk, None
+        if disk is not None:
+            try:
+                disk.close()
+            except (OSError, sqlite3.Error):
+                log.debug("closing the metadata disk cache failed", exc_info=True)
+
+    def __enter__(self) -> MetadataCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------
+    def _lookup(self, key: Hashable, validate: Callable[[Any], bool] | None = None) -> Any:
+        with self._lock:
+            value = self._memory.get(key, _MISSING)
+        if value is not _MISSING:
+            return value
+        disk = self._disk
+        if disk is None:
+            return _MISSING
+        try:
+            value = disk.get(key, default=_MISSING)
+            if value is not _MISSING and validate is not None and not validate(value):
+                raise ValueError("cached value has the wrong shape")
+        except Exception as exc:  # noqa: BLE001 - any unreadable entry (unpickling can raise anything)
+            log.warning("dropping unreadable metadata cache entry %r: %s", key[2:], exc)
+            try:
+                disk.delete(key)
+            except Exception:  # noqa: BLE001 - a broken database must not break listing
+                log.debug("could not delete the unreadable entry", exc_info=True)
+            return _MISSING
+        if value is not _MISSING:
+            with self._lock:
+                self._memory[key] = value
+        return value
+
+    def _store(self, key: Hashable, value: Any) -> None:
+        with self._lock:
+            self._memory[key] = value
+        disk = self._disk
+        if disk is None:
+            return
+        try:
+            disk.set(key, value, expire=self.disk_ttl)
+        except (OSError, sqlite3.Error) as exc:
+            if not self._disk_write_failed:
+                log.warning("cannot write the metadata cache (%s); serving listings from memory", exc)
+            self._disk_write_failed = True
+        else:
+            if self._disk_write_failed:
+                log.info("metadata cache writable again")
+            self._disk_write_failed = False
