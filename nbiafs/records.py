@@ -162,6 +162,8 @@ class Token:
     refresh_token: str | None = None
     refresh_expires_at: float | None = None
     token_type: str = "Bearer"
+    #: When it was requested (same clock as ``expires_at``): its lifetime is ``expires_at - issued_at``.
+    issued_at: float | None = None
     extra: dict[str, object] = field(default_factory=dict, repr=False)
 
     def __repr__(self) -> str:  # never show secrets in logs or tracebacks

@@ -1,0 +1,387 @@
+"""OAuth tokens for the NBIA API: login, refresh, logout and the background refresher thread.
+
+:class:`TokenManager` owns the account's password (in memory only) and its current token. It logs
+in lazily on the first :meth:`TokenManager.get_token`, renews the token in a daemon thread before it
+expires (refresh grant first; a fresh password grant when the refresh is refused or its refresh
+token has expired), and after a 401 renews it once for all the threads that saw that token fail.
+It also remembers whether the current token was recently proven valid, for the endpoints that hide
+auth failures behind empty answers (see :mod:`nbiafs.client`).
+
+The thread is created by :meth:`TokenManager.start`, not in ``__init__``, because the mount forks
+into the background after construction and threads do not survive a fork. Passwords and tokens
+never appear in logs, reprs or exception messages.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import random
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import requests
+
+from .config import CLIENT_ID, GUEST_USER
+from .errors import AuthError, NbiaError, ProtocolError, ServerError
+from .http import TRANSIENT_EXCEPTIONS, USER_AGENT
+from .records import Token
+
+log = logging.getLogger(__name__)
+
+PASSWORD_ENV = "NBIA_PASSWORD"
+
+#: Refresh this long before expiry when the token is long-lived (the server issues 7200 s tokens).
+DEFAULT_REFRESH_MARGIN = 60.0
+#: A valid token is refreshed after at most this fraction of its lifetime...
+REFRESH_FRACTION = 0.75
+#: ...but never before this fraction, however large the margin (short tokens would spin otherwise).
+MIN_REFRESH_FRACTION = 0.5
+#: And never more often than this (seconds), whatever the server says.
+MIN_REFRESH_INTERVAL = 0.5
+#: A token this close to its expiry (fraction of lifetime, at most 5 s) counts as expired already.
+EXPIRY_SKEW_FRACTION = 0.1
+#: The background refresher's backoff when the server is down: 1 s doubling up to this.
+MAX_REFRESHER_BACKOFF = 60.0
+#: Attempts of one foreground token request when the server is flaky.
+LOGIN_ATTEMPTS = 3
+#: A token proven valid by a 401-honest call is trusted this long (seconds) by empty answers.
+VERIFIED_WINDOW = 30.0
+
+
+def password_from_env_or_prompt(user: str) -> str:
+    """The password of ``user``: ``""`` for the guest, else ``$NBIA_PASSWORD``, else a prompt.
+
+    Raises AuthError when there is neither the variable nor a terminal to prompt on.
+    """
+    if user == GUEST_USER:
+        return ""
+    from_env = os.environ.get(PASSWORD_ENV)
+    if from_env is not None:
+        return from_env
+    if not (sys.stdin is not None and sys.stdin.isatty()):
+        raise AuthError(f"no password for NBIA user {user!r}: set {PASSWORD_ENV} or run from a terminal "
+                        "to be prompted")
+    try:
+        return getpass.getpass(f"NBIA password for {user}: ")
+    except (EOFError, KeyboardInterrupt):
+        raise AuthError(f"no password entered for NBIA user {user!r}") from None
+
+
+class TokenManager:
+    """The token of one account on one server; thread-safe."""
+
+    def __init__(self, base_url: str, username: str = GUEST_USER, password: str = "", *,
+                 session: requests.Session | None = None, refresh_margin: float | None = None,
+                 timeout: tuple[float, float] = (10, 30),
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.username = username
+        self.__password = password
+        self._own_session = session is None
+        if session is None:
+            session = requests.Session()
+            session.headers["User-Agent"] = USER_AGENT
+        self._session = session
+        self._margin = DEFAULT_REFRESH_MARGIN if refresh_margin is None else refresh_margin
+        self._timeout = timeout
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # token replaced or login finished
+        self._token: Token | None = None
+        self._in_flight = False
+        self._renewals = 0  # count of tokens issued (for tests and logs)
+        self._verified_token: str | None = None
+        self._verified_at = 0.0
+        self._stop = threading.Event()
+        self._wake = threading.Event()  # the refresher recomputes its schedule
+        self._thread: threading.Thread | None = None
+        self._rng = random.Random()
+
+    def __repr__(self) -> str:
+        return f"TokenManager(base_url={self.base_url!r}, username={self.username!r})"
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.base_url}/nbia-api/oauth/token"
+
+    # -- public API -------------------------------------------------------------------------
+
+    def get_token(self) -> str:
+        """A valid access token by this manager's clock; logs in (or renews) when needed."""
+        with self._changed:
+            while True:
+                token = self._token
+                if token is not None and self._fresh(token):
+                    return token.access_token
+                if not self._in_flight:
+                    self._in_flight = True
+                    break
+                self._wait_for_login()
+        return self._renew_in_flight(token, reason="no valid token").access_token
+
+    def handle_unauthorized(self, failed_token: str) -> str:
+        """After a 401 with ``failed_token``: renew once (unless someone already did); the new token."""
+        with self._changed:
+            while self._in_flight:
+                self._wait_for_login()
+            token = self._token
+            if token is not None and token.access_token != failed_token and self._fresh(token):
+                return token.access_token
+            self._in_flight = True
+        return self._renew_in_flight(token, reason="the server answered 401").access_token
+
+    def mark_doubtful(self, token: str) -> None:
+        """An endpoint that hides auth failures answered empty with ``token``: its proof no longer holds."""
+        with self._lock:
+            if self._verified_token == token:
+                self._verified_token = None
+        log.debug("token marked doubtful for %s", self.username)
+
+    def mark_verified(self, token: str) -> None:
+        """A 401-honest call just accepted ``token``."""
+        with self._lock:
+            self._verified_token = token
+            self._verified_at = self._clock()
+
+    def is_verified(self, token: str) -> bool:
+        """Was ``token`` proven valid within the last :data:`VERIFIED_WINDOW` seconds?"""
+        with self._lock:
+            return (self._verified_token == token
+                    and self._clock() - self._verified_at < VERIFIED_WINDOW)
+
+    @property
+    def renewals(self) -> int:
+        """How many tokens were issued so far (logins and refreshes)."""
+        with self._lock:
+            return self._renewals
+
+    def wait_for_renewals(self, count: int, timeout: float) -> bool:
+        """Block until at least ``count`` tokens were issued (True) or ``timeout`` passes (False)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._renewals >= count, timeout=timeout)
+
+    def start(self) -> None:
+        """Start the background refresher (idempotent; call after the daemon fork)."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._refresher, name="nbiafs-token-refresher",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the refresher and wait for it (promptly: it waits on events, never sleeps)."""
+        self._stop.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=self._timeout[0] + self._timeout[1] + 5)
+            if thread.is_alive():
+                log.warning("the token refresher did not stop in time")
+        self._thread = None
+
+    def logout(self) -> None:
+        """Tell the server to end the session; errors are logged, never raised."""
+        with self._lock:
+            token, self._token = self._token, None
+            self._verified_token = None
+        if token is None:
+            return
+        try:
+            response = self._session.get(f"{self.base_url}/nbia-api/logout",
+                                         headers={"Authorization": f"Bearer {token.access_token}"},
+                                         timeout=self._timeout)
+            log.debug("GET logout -> %d", response.status_code)
+            response.close()
+        except requests.RequestException as exc:
+            log.warning("logout from %s failed: %s", self.base_url, type(exc).__name__)
+
+    def close(self) -> None:
+        """Stop the refresher and log out."""
+        self.stop()
+        self.logout()
+        if self._own_session:
+            self._session.close()
+
+    # -- renewal ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _lifetime(token: Token) -> float:
+        issued = token.issued_at if token.issued_at is not None else token.expires_at
+        return max(0.0, token.expires_at - issued)
+
+    def _fresh(self, token: Token) -> bool:
+        lifetime = self._lifetime(token)
+        skew = min(5.0, EXPIRY_SKEW_FRACTION * lifetime)
+        return self._clock() < token.expires_at - skew
+
+    def _wait_for_login(self) -> None:
+        """Wait (lock held) for the login in flight; AuthError if it takes longer than a request may."""
+        limit = self._timeout[0] + self._timeout[1]
+        limit = limit * LOGIN_ATTEMPTS + 5
+        if not self._changed.wait_for(lambda: not self._in_flight, timeout=limit):
+            raise AuthError(f"timed out after {limit:g} s waiting for another thread's login")
+
+    def _renew_in_flight(self, old: Token | None, reason: str) -> Token:
+        """Obtain a new token; the caller has set ``_in_flight``. Clears it and wakes the waiters."""
+        new: Token | None = None
+        try:
+            new = self._obtain(old, reason)
+            return new
+        finally:
+            with self._changed:
+                self._in_flight = False
+                if new is not None:
+                    self._token = new
+                    self._renewals += 1
+                self._changed.notify_all()
+            if new is not None:
+                self._wake.set()
+
+    def _obtain(self, old: Token | None, reason: str) -> Token:
+        """Refresh grant when ``old`` has a live refresh token, else (or if refused) a password grant."""
+        now = self._clock()
+        if old is not None and old.refresh_token and (old.refresh_expires_at is None
+                                                      or now < old.refresh_expires_at):
+            try:
+                token = self._request_token({"grant_type": "refresh_token",
+                                             "refresh_token": old.refresh_token})
+                log.info("token for %s refreshed (%s)", self.username, reason)
+                return token
+            except AuthError:
+                log.info("the server refused the token refresh for %s; logging in again", self.username)
+        token = self._request_token({"grant_type": "password", "username": self.username,
+                                     "password": self.__password})
+        log.info("logged in to %s as %s (%s)", self.base_url, self.username, reason)
+        return token
+
+    def _request_token(self, form: dict[str, str]) -> Token:
+        """POST the token endpoint (bounded retries for transient failures)."""
+        form = {**form, "client_id": CLIENT_ID}
+        grant = form["grant_type"]
+        last: NbiaError | None = None
+        for attempt in range(LOGIN_ATTEMPTS):
+            if attempt:
+                delay = min(5.0, 0.5 * 2 ** (attempt - 1)) * self._rng.uniform(0.5, 1.0)
+                if self._stop.wait(delay):
+                    break
+            sent_at = self._clock()
+            try:
+                response = self._session.post(self.token_url, data=form, timeout=self._timeout)
+            except TRANSIENT_EXCEPTIONS as exc:
+                last = ServerError(f"token request ({grant}) to {self.base_url} failed: {type(exc).__name__}")
+                log.debug("POST oauth/token (%s) -> %s", grant, type(exc).__name__)
+                continue
+            except requests.RequestException as exc:
+                raise AuthError(f"token request to {self.base_url} failed: {type(exc).__name__}") from None
+            status = response.status_code
+            log.debug("POST oauth/token (%s) -> %d in %.0f ms", grant, status,
+                      (self._clock() - sent_at) * 1000)
+            if status == 429 or status >= 500:
+                last = ServerError(f"token request ({grant}) to {self.base_url}: server error {status}")
+                continue
+            if status != 200:
+                raise AuthError(f"the server refused the {grant} grant for user {self.username!r} "
+                                f"({status}{_oauth_error(response)})")
+            return self._parse_token(response, sent_at)
+        assert last is not None or self._stop.is_set()
+        raise last if last is not None else ServerError("token request interrupted by stop()")
+
+    def _parse_token(self, response: requests.Response, sent_at: float) -> Token:
+        try:
+            body = response.json()
+        except ValueError:
+            raise ProtocolError(f"token reply from {self.base_url} is not JSON") from None
+        if not isinstance(body, dict) or not isinstance(body.get("access_token"), str) \
+                or not body["access_token"]:
+            raise ProtocolError(f"token reply from {self.base_url} has no access_token")
+        expires_in = _seconds(body.get("expires_in"), default=7200.0)
+        refresh_in = _seconds(body.get("refresh_expires_in"), default=None)
+        refresh = body.get("refresh_token")
+        return Token(
+            access_token=body["access_token"],
+            expires_at=sent_at + expires_in,
+            refresh_token=refresh if isinstance(refresh, str) and refresh else None,
+            refresh_expires_at=sent_at + refresh_in if refresh_in else None,
+            token_type=str(body.get("token_type") or "Bearer"),
+            issued_at=sent_at,
+            extra={k: v for k, v in body.items()
+                   if k not in ("access_token", "refresh_token", "expires_in", "refresh_expires_in")},
+        )
+
+    # -- background refresher -----------------------------------------------------------------
+
+    def _refresh_due(self, token: Token) -> float:
+        """When (by the clock) the refresher should renew ``token``."""
+        lifetime = self._lifetime(token)
+        after = min(REFRESH_FRACTION * lifetime, lifetime - self._margin)
+        after = max(after, MIN_REFRESH_FRACTION * lifetime, MIN_REFRESH_INTERVAL)
+        issued = token.issued_at if token.issued_at is not None else token.expires_at - lifetime
+        return issued + after
+
+    def _refresher(self) -> None:
+        log.debug("token refresher started for %s", self.username)
+        failures = 0
+        while not self._stop.is_set():
+            with self._lock:
+                token = self._token
+                due = self._refresh_due(token) if token is not None else None
+            if due is None:  # not logged in yet: lazily, on the first get_token
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            delay = due - self._clock()
+            if delay > 0:
+                self._wake.wait(delay)
+                self._wake.clear()
+                continue
+            try:
+                self._scheduled_renewal(token)
+                failures = 0
+            except NbiaError as exc:
+                failures += 1
+                backoff = min(MAX_REFRESHER_BACKOFF, 2.0 ** (failures - 1))
+                backoff *= self._rng.uniform(0.5, 1.0)
+                log.warning("token refresh for %s failed (%s); retrying in %.1f s", self.username, exc,
+                            backoff)
+                self._stop.wait(backoff)
+            except Exception:  # never die silently
+                log.exception("token refresher: unexpected error; retrying in %d s", MAX_REFRESHER_BACKOFF)
+                self._stop.wait(MAX_REFRESHER_BACKOFF)
+        log.debug("token refresher stopped for %s", self.username)
+
+    def _scheduled_renewal(self, seen: Token) -> None:
+        with self._changed:
+            if self._in_flight or self._token is not seen:
+                return  # someone else is renewing or just did
+            self._in_flight = True
+        self._renew_in_flight(seen, reason="scheduled refresh")
+
+
+def _seconds(value: object, default: float | None) -> float | None:
+    if isinstance(value, bool):
+        return default
+    if isinstance(value, (int, float)):
+        return max(0.0, float(value))
+    if isinstance(value, str):
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            return default
+    return default
+
+
+def _oauth_error(response: requests.Response) -> str:
+    """The OAuth ``error`` code of a refusal, if any (descriptions may echo input, so only the code)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        return f": {body['error'][:60]}"
+    return ""

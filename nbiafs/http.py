@@ -1,0 +1,267 @@
+"""The retrying request loop under the NBIA client: one call = bounded attempts within one deadline.
+
+What it owns:
+- retries of 429 (honouring ``Retry-After``), 5xx, connection errors, timeouts and truncated bodies,
+  at most ``retries`` times, with exponential backoff and jitter, all inside one overall ``deadline``;
+- 401 handling: one token refresh (via the caller's ``on_unauthorized``) and one retry, then
+  :class:`TokenExpiredError`; other 4xx are not retried;
+- turning every failure into an :mod:`nbiafs.errors` type whose message names the endpoint and UIDs;
+- a DEBUG log line per request (endpoint, params, status, ms). Headers are never logged, so the
+  bearer token never reaches a log.
+
+Backoff waits on the ``closed`` event, so closing the client interrupts a waiting call at once.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import requests
+
+from . import __version__
+from .errors import (
+    BadRequestError,
+    ForbiddenError,
+    NbiaError,
+    NotFoundError,
+    ProtocolError,
+    ServerError,
+    TokenExpiredError,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+USER_AGENT = f"nbiafs/{__version__}"
+
+#: Exceptions from requests that mean "the transfer failed, try again".
+TRANSIENT_EXCEPTIONS: tuple[type[BaseException], ...] = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.ContentDecodingError,
+)
+
+
+class Retryable(Exception):
+    """Raised by a response handler: this answer was bad in a way another attempt may fix."""
+
+    def __init__(self, error: NbiaError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard one call tries. Defaults match :class:`nbiafs.config.Settings`."""
+
+    retries: int = 4
+    backoff: float = 0.5
+    deadline: float = 120.0
+    #: No single wait is longer than this (before jitter).
+    max_backoff: float = 30.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Backoff before retry number ``attempt`` (1-based): exponential, with 50-100 % jitter."""
+        base = min(self.max_backoff, self.backoff * (2 ** (attempt - 1)))
+        return base * rng.uniform(0.5, 1.0)
+
+
+def make_session(pool_size: int) -> requests.Session:
+    """A Session with a connection pool of ``pool_size`` per host and our User-Agent.
+
+    urllib3's own retries are off: this module decides what is retried.
+    """
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=max(1, pool_size),
+                                            pool_maxsize=max(1, pool_size), max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers["User-Agent"] = USER_AGENT
+    return session
+
+
+def retry_after_seconds(value: str | None, now: Callable[[], float] = time.time) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta seconds or an HTTP date); ``None`` if unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - now())
+
+
+def _summarise(data: Any) -> Any:
+    """What to log of a POST form: keys and counts, never the values of long lists."""
+    if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
+        keys: dict[str, int] = {}
+        for item in data:
+            if isinstance(item, tuple) and item:
+                keys[str(item[0])] = keys.get(str(item[0]), 0) + 1
+        return {k: f"{n} value(s)" for k, n in keys.items()}
+    return data
+
+
+class Transport:
+    """Sends requests for one client with the bounded-retry policy. Thread-safe."""
+
+    def __init__(self, session: requests.Session, *, policy: RetryPolicy,
+                 timeout: tuple[float, float] = (10.0, 60.0),
+                 clock: Callable[[], float] = time.monotonic,
+                 closed: threading.Event | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.session = session
+        self.policy = policy
+        self.timeout = timeout
+        self.clock = clock
+        self.closed = closed if closed is not None else threading.Event()
+        self._rng = rng if rng is not None else random.Random()
+        self._rng_lock = threading.Lock()
+
+    def _jittered(self, attempt: int) -> float:
+        with self._rng_lock:
+            return self.policy.delay(attempt, self._rng)
+
+    def call(
+        self,
+        method: str,
+        url: str,
+        *,
+        what: str,
+        endpoint: str,
+        handle: Callable[[requests.Response], T],
+        params: Mapping[str, Any] | None = None,
+        data: Any = None,
+        token: Callable[[], str] | None = None,
+        on_unauthorized: Callable[[str], str] | None = None,
+        status_errors: Mapping[int, Callable[[requests.Response], NbiaError]] | None = None,
+        accept: Callable[[requests.Response], bool] | None = None,
+        stream: bool = False,
+    ) -> T:
+        """Send until ``handle`` accepts an answer, the retries are spent or the deadline passes.
+
+        ``what`` names the call in error messages ("getSingleImage for instance X of series Y").
+        ``token`` supplies the bearer token (None: anonymous). ``status_errors`` picks the error type
+        for a status (retried anyway if the status is 429/5xx). ``accept`` decides which answers go to
+        ``handle`` (default: 2xx). ``handle`` may raise :class:`Retryable` to try again.
+        """
+        policy = self.policy
+        deadline = self.clock() + policy.deadline
+        attempt = 0
+        refreshed = False
+        status_errors = status_errors or {}
+        while True:
+            if self.closed.is_set():
+                raise ServerError(f"{what}: the client was closed")
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                raise ServerError(f"{what}: no answer within the {policy.deadline:g} s deadline")
+            headers: dict[str, str] = {}
+            bearer: str | None = None
+            if token is not None:
+                bearer = token()
+                headers["Authorization"] = f"Bearer {bearer}"
+            timeout = (min(self.timeout[0], remaining), min(self.timeout[1], remaining))
+            started = self.clock()
+            wait_hint: float | None = None
+            failure: NbiaError
+            try:
+                response = self.session.request(method, url, params=params, data=data, headers=headers,
+                                                timeout=timeout, stream=stream)
+            except TRANSIENT_EXCEPTIONS as exc:
+                log.debug("%s %s params=%s data=%s -> %s after %.0f ms", method, endpoint, params,
+                          _summarise(data), type(exc).__name__, (self.clock() - started) * 1000)
+                failure = ServerError(f"{what}: {_describe_transport_error(exc)}")
+            except requests.RequestException as exc:  # invalid URL and the like: not transient
+                raise BadRequestError(f"{what}: request failed: {type(exc).__name__}: {exc}") from None
+            else:
+                status = response.status_code
+                log.debug("%s %s params=%s data=%s -> %d in %.0f ms", method, endpoint, params,
+                          _summarise(data), status, (self.clock() - started) * 1000)
+                ok = accept(response) if accept is not None else 200 <= status < 300
+                if ok:
+                    try:
+                        return handle(response)
+                    except Retryable as exc:
+                        response.close()
+                        failure = exc.error
+                        log.debug("%s: retryable bad answer: %s", endpoint, failure)
+                    except TRANSIENT_EXCEPTIONS as exc:
+                        response.close()
+                        failure = ServerError(f"{what}: {_describe_transport_error(exc)}")
+                    except BaseException:
+                        response.close()
+                        raise
+                elif status == 401 and bearer is not None:
+                    response.close()
+                    if on_unauthorized is not None and not refreshed:
+                        refreshed = True
+                        log.debug("%s: 401, refreshing the token once and retrying", endpoint)
+                        on_unauthorized(bearer)
+                        continue
+                    raise TokenExpiredError(f"{what}: the server still answers 401 Unauthorized "
+                                            "after a token refresh")
+                else:
+                    failure = self._status_error(response, what, status_errors)
+                    response.close()
+                    if status == 429:
+                        wait_hint = retry_after_seconds(response.headers.get("Retry-After"))
+                    elif status < 500:
+                        raise failure
+            attempt += 1
+            if attempt > policy.retries:
+                raise failure
+            delay = self._jittered(attempt)
+            if wait_hint is not None:
+                delay = max(delay, wait_hint)
+            if self.clock() + delay > deadline:
+                raise type(failure)(f"{failure} (gave up: retrying would pass the "
+                                    f"{policy.deadline:g} s deadline)")
+            log.debug("%s: attempt %d failed (%s); retrying in %.2f s", endpoint, attempt, failure, delay)
+            if self.closed.wait(delay):
+                raise ServerError(f"{what}: the client was closed")
+
+    @staticmethod
+    def _status_error(response: requests.Response, what: str,
+                      status_errors: Mapping[int, Callable[[requests.Response], NbiaError]]) -> NbiaError:
+        status = response.status_code
+        special = status_errors.get(status)
+        if special is not None:
+            return special(response)
+        if status == 429:
+            return ServerError(f"{what}: the server is busy (429 Too Many Requests)")
+        if status >= 500:
+            return ServerError(f"{what}: server error {status}")
+        if status == 403:
+            return ForbiddenError(f"{what}: access denied (403)")
+        if status == 404:
+            return NotFoundError(f"{what}: not found (404)")
+        if status == 401:
+            return TokenExpiredError(f"{what}: 401 Unauthorized")
+        if 300 <= status < 400:
+            return ProtocolError(f"{what}: unexpected redirect {status} to {response.headers.get('Location')!r}")
+        return BadRequestError(f"{what}: the server rejected the request ({status})")
+
+
+def _describe_transport_error(exc: BaseException) -> str:
+    if isinstance(exc, requests.Timeout):
+        return "the request timed out"
+    if isinstance(exc, (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError)):
+        return "the answer was cut short or corrupt"
+    return "could not connect to the server (connection failed or reset)"
