@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import mfusepy as fuse
 
-from .errors import NbiaError, ReadOnlyError, errno_for
+from .errors import NbiaError, NotFoundError, ReadOnlyError, ServerError, errno_for
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,13 @@ class NbiaFS(fuse.Operations):
         node = self.catalog.lookup(path)
         if node.kind != "instance":
             raise fuse.FuseOSError(errno.EISDIR)
-        fi.fh = self.store.open(node)
+        try:
+            fi.fh = self.store.open(node)
+        except NotFoundError as exc:
+            # The catalog has just listed this instance, so "no such instance" from the server (its
+            # getSingleImage answers 500 for that) means it failed to deliver a file it announced:
+            # an I/O error, not a missing name (which would also contradict the stat the reader saw).
+            raise ServerError(f"{path}: listed, but the server did not deliver it ({exc})") from exc
         fi.keep_cache = 1  # files never change: keep the kernel page cache across opens
         if self.prefetch_enabled:
             self._prefetch_series_of(node)

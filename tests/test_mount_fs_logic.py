@@ -187,6 +187,13 @@ def test_a_failing_prefetch_does_not_fail_the_open() -> None:
     assert ops.open(f"{SERIES}/1-001.dcm", info) == 0 and info.fh == 41
 
 
+def test_an_instance_the_server_will_not_deliver_is_eio_not_enoent() -> None:
+    ops, _, _ = make(store=FakeStore(open_error=NotFoundError("getSingleImage: 500")))
+    with pytest.raises(mfusepy.FuseOSError) as e:
+        ops.open(f"{SERIES}/1-001.dcm", fi())
+    assert errno_of(e) == errno.EIO
+
+
 @pytest.mark.parametrize(("exc", "code"), [
     (NotFoundError("x"), errno.ENOENT),
     (ForbiddenError("x"), errno.EACCES),
@@ -202,7 +209,7 @@ def test_every_exception_becomes_the_errno_of_the_single_table(exc: Exception, c
     assert errno_of(e) == code
     with pytest.raises(mfusepy.FuseOSError) as e:
         ops.open(f"{SERIES}/1-001.dcm", fi())
-    assert errno_of(e) == code
+    assert errno_of(e) == (errno.EIO if isinstance(exc, NotFoundError) else code)
 
 
 def test_unexpected_errors_are_logged_with_traceback_expected_ones_are_not(caplog) -> None:
