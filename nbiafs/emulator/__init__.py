@@ -1,0 +1,18 @@
+"""An NBIA-compatible HTTP server with a deterministic sample archive (tests, benchmarks, ``nbiafs demo``).
+
+It behaves as docs in ``nbia-api.md`` say the real server does, quirks included. Public surface:
+``ensure_archive``, ``Archive`` and ``Emulator`` (plus the account constants).
+"""
+
+from .accounts import GUEST_USER, TEST_PASSWORD, TEST_USER
+from .archive import Archive, ensure_archive
+
+__all__ = ["Archive", "Emulator", "ensure_archive", "GUEST_USER", "TEST_USER", "TEST_PASSWORD"]
+
+
+def __getattr__(name: str):  # the server module is imported only when Emulator is used
+    if name == "Emulator":
+        from .server import Emulator
+
+        return Emulator
+    raise AttributeError(name)

@@ -1,0 +1,54 @@
+"""Zip archives generated incrementally, for the streamed ``getImage`` answers.
+
+Written as Java's ``ZipOutputStream`` (what the real server uses) writes them: deflated entries whose
+local headers carry no sizes, each followed by a data descriptor, then the central directory. Only
+one member's bytes are held in memory at a time; the caller sends each chunk as it is produced.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+
+#: A zip member: its name and a function returning its bytes (called when the member is written).
+Member = tuple[str, Callable[[], bytes]]
+
+_DATE_TIME = (2020, 1, 1, 0, 0, 0)  # fixed, so the same series always gives the same zip
+
+
+class _Sink:
+    """A write-only, unseekable file object that collects what zipfile writes."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def take(self) -> bytes:
+        data = b"".join(self.parts)
+        self.parts.clear()
+        return data
+
+
+def iter_zip(members: Iterable[Member], compresslevel: int = 1) -> Iterator[bytes]:
+    """Yield the bytes of a zip holding ``members``, one piece per member plus the directory."""
+    sink = _Sink()
+    with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_DEFLATED,  # type: ignore[arg-type]
+                         compresslevel=compresslevel) as zf:
+        for name, read in members:
+            info = zipfile.ZipInfo(name, date_time=_DATE_TIME)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            with zf.open(info, mode="w") as dest:
+                dest.write(read())
+            piece = sink.take()
+            if piece:
+                yield piece
+    tail = sink.take()
+    if tail:
+        yield tail
