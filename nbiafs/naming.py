@@ -92,6 +92,8 @@ def safe_component(text: str, max_bytes: int = NAME_MAX, *, tail: str = "") -> s
     tail = _truncate_bytes(_clean_chars(tail or "").rstrip(), max_bytes // 2)
     if not tail:
         head = head.rstrip()
+    elif not head.strip():  # nothing in front of an extension: "_.dcm", not the hidden ".dcm"
+        head = PLACEHOLDER
     room = max_bytes - _utf8_len(tail)
     head = _truncate_bytes(head, room)
     # Joining and normalising can change the length (NFC may compose or, rarely, expand): shrink the
@@ -126,7 +128,7 @@ def _compose(parts: Iterable[str], uid: str | None) -> str:
     if not tail:
         return safe_component("-".join(kept))
     head = "-".join(kept)
-    return safe_component(head + "-" if head else "", tail=tail)
+    return safe_component(head, tail="-" + tail) if head else safe_component(tail)
 
 
 def format_date(value: object | None) -> str:
