@@ -233,6 +233,7 @@ class InstanceStore:
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"cannot use the cache directory {self.directory}: {exc}") from exc
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified whenever a queued prefetch ends
         self._flights: dict[str, _Flight] = {}
         self._queued: set[str] = set()
         self._series_seen: cachetools.TTLCache[str, bool] = cachetools.TTLCache(
@@ -269,6 +270,9 @@ class InstanceStore:
             self._handles.clear()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._queued.clear()  # cancelled prefetches never ran to remove themselves
+            self._idle.notify_all()
         for handle in handles:
             handle.close()
         self._cache.close()
@@ -377,6 +381,12 @@ class InstanceStore:
         finally:
             with self._lock:
                 self._queued.discard(key)
+                self._idle.notify_all()
+
+    def wait_prefetched(self, timeout: float) -> bool:
+        """Wait until no prefetch is queued or running; False when ``timeout`` seconds passed first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._queued, timeout)
 
     # ----------------------------------------------------------------- cache management
 

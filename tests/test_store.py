@@ -5,85 +5,66 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import random
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import nbiafs.store as store_mod
+from nbiafs.catalog import Node
 from nbiafs.errors import IntegrityError, OfflineError, ServerError
 from nbiafs.store import InstanceStore
+from fakes import FakeArchive, FakeNbiaClient, fake_dicom_bytes
 
 WAIT = 10.0  # seconds any test waits for an event before failing (never reached when things work)
-SERIES = "1.2.3.series"
+SERIES = "1.2.826.0.1.3680043.9.7.1.1.1.1"
+N_INSTANCES = 400
 
 
-@dataclass(frozen=True)
-class Node:
-    """The fields of catalog.Node the store uses (a stand-in until the catalog lands)."""
-
-    kind: str
-    path: str
-    size: int = 0
-    series_uid: str | None = None
-    sop_uid: str | None = None
-
-
-def body(sop: str, size: int) -> bytes:
-    return random.Random(sop).randbytes(size)
+def build_store_archive() -> FakeArchive:
+    """One series of N_INSTANCES instances of 5000 bytes each."""
+    archive = FakeArchive()
+    archive.add_collection("Coll-1")
+    archive.add_patient("Coll-1", "P1")
+    study = archive.add_study("Coll-1", "P1", "1.2.826.0.1.3680043.9.7.1.1.1")
+    series = archive.add_series(study, SERIES, number=1)
+    for i in range(N_INSTANCES):
+        archive.add_instance(series, f"{SERIES}.{i}", number=i + 1, size=5000)
+    return archive
 
 
-def node(i: int, size: int = 5000, series: str = SERIES) -> Node:
-    return Node("instance", f"/c/p/s/{series}/1-{i:03d}.dcm", size, series, f"{series}.{i}")
+def node(i: int, size: int | None = None) -> Node:
+    """The catalog node of instance ``i`` (of exact size ``size``, default 5000 as in the archive)."""
+    sop = f"{SERIES}.{i}"
+    return Node("instance", f"/Coll-1/P1/s/1-{i:03d}.dcm", ino=1000 + i, mtime=0.0,
+                size=5000 if size is None else size, collection="Coll-1", patient_id="P1",
+                series_uid=SERIES, sop_uid=sop, instance_number=i + 1)
 
 
-class FakeClient:
-    """A client with per-instance call counts, gates that block a fetch, and injected failures."""
+def sized(client: FakeNbiaClient, i: int, size: int) -> Node:
+    """Instance ``i`` made ``size`` bytes long on the fake server, and its node."""
+    n = node(i, size)
+    client.archive.data[n.sop_uid] = fake_dicom_bytes(n.sop_uid, size)
+    return n
 
-    deadline = 5.0
 
-    def __init__(self) -> None:
-        self.calls: Counter[str] = Counter()
-        self.gates: dict[str, threading.Event] = {}
-        self.started: dict[str, threading.Event] = {}
-        self.failures: dict[str, list[BaseException]] = {}
-        self.short: set[str] = set()
-        self.cond = threading.Condition()
+def fetches(client: FakeNbiaClient, n: Node | None = None) -> int:
+    """single_image calls made (for ``n`` only, when given)."""
+    return sum(1 for method, args in list(client.call_log)
+               if method == "single_image" and (n is None or args[1] == n.sop_uid))
 
-    def gate(self, sop: str) -> threading.Event:
-        self.started[sop] = threading.Event()
-        self.gates[sop] = threading.Event()
-        return self.gates[sop]
 
-    @property
-    def total(self) -> int:
-        with self.cond:
-            return sum(self.calls.values())
+def hold(client: FakeNbiaClient, n: Node):
+    """A gate holding every fetch of ``n`` until released."""
+    return client.gate("single_image", match=lambda series, sop, size: sop == n.sop_uid)
 
-    def wait_calls(self, n: int) -> None:
-        with self.cond:
-            assert self.cond.wait_for(lambda: sum(self.calls.values()) >= n, WAIT)
 
-    def single_image(self, series_uid: str, sop_uid: str, expected_size: int | None = None) -> bytes:
-        with self.cond:
-            self.calls[sop_uid] += 1
-            self.cond.notify_all()
-        if sop_uid in self.started:
-            self.started[sop_uid].set()
-            assert self.gates[sop_uid].wait(WAIT), "test never opened the gate"
-        failures = self.failures.get(sop_uid)
-        if failures:
-            raise failures.pop(0)
-        size = expected_size or 5000
-        data = body(sop_uid, size)
-        return data[:-10] if sop_uid in self.short else data
+def body(client: FakeNbiaClient, n: Node) -> bytes:
+    return client.archive.data[n.sop_uid]
 
 
 class Waiters:
@@ -119,8 +100,8 @@ def waiters(monkeypatch: pytest.MonkeyPatch) -> Waiters:
 
 
 @pytest.fixture
-def client() -> FakeClient:
-    return FakeClient()
+def client() -> FakeNbiaClient:
+    return FakeNbiaClient(build_store_archive())
 
 
 @pytest.fixture
@@ -164,33 +145,37 @@ def in_thread(target, *args) -> tuple[threading.Thread, dict]:
     return t, out
 
 
+def fresh_client() -> FakeNbiaClient:
+    return FakeNbiaClient(build_store_archive())
+
+
 # ------------------------------------------------------------------ cache hits
 
 
 def test_cached_instance_is_read_with_zero_api_calls(make_store, client):
     store = make_store()
     n = node(1)
-    assert read_all(store, n) == body(n.sop_uid, n.size)
-    assert client.total == 1
+    assert read_all(store, n) == body(client, n)
+    assert client.total_calls() == 1
     for _ in range(3):
-        assert read_all(store, n) == body(n.sop_uid, n.size)
-    assert client.total == 1
+        assert read_all(store, n) == body(client, n)
+    assert client.total_calls() == 1
     st = store.stats()
     assert (st.hits, st.misses, st.fetches, st.bytes_fetched) == (3, 1, 1, n.size)
     assert store.contains(n)
 
 
-def test_restart_with_same_cache_dir_makes_zero_api_calls(make_store, tmp_path):
+def test_restart_with_same_cache_dir_makes_zero_api_calls(make_store, client):
     first = make_store()
     nodes = [node(i) for i in range(5)]
     for n in nodes:
         read_all(first, n)
     first.close()
-    fresh = FakeClient()
+    fresh = fresh_client()
     second = make_store(client=fresh)
     for n in nodes:
-        assert read_all(second, n) == body(n.sop_uid, n.size)
-    assert fresh.total == 0
+        assert read_all(second, n) == body(client, n)
+    assert fresh.total_calls() == 0
 
 
 def test_namespaces_do_not_share_instances(make_store, client):
@@ -200,7 +185,7 @@ def test_namespaces_do_not_share_instances(make_store, client):
     read_all(named, n)
     assert not guest.contains(n)
     read_all(guest, n)
-    assert client.total == 2
+    assert fetches(client, n) == 2
 
 
 # ------------------------------------------------------------------ single flight
@@ -208,8 +193,8 @@ def test_namespaces_do_not_share_instances(make_store, client):
 
 def test_sixteen_concurrent_openers_cause_one_fetch(make_store, client, waiters):
     store = make_store()
-    n = node(7, size=300_000)
-    gate = client.gate(n.sop_uid)
+    n = sized(client, 7, 300_000)
+    gate = hold(client, n)
     barrier = threading.Barrier(16)
 
     def opener() -> bytes:
@@ -217,58 +202,58 @@ def test_sixteen_concurrent_openers_cause_one_fetch(make_store, client, waiters)
         return read_all(store, n)
 
     runs = [in_thread(opener) for _ in range(16)]
-    client.started[n.sop_uid].wait(WAIT)
+    assert gate.wait_entered(1)
     waiters.wait_for(15)  # every other opener is parked on the one fetch
-    gate.set()
+    gate.release()
     for t, out in runs:
         t.join(WAIT)
-        assert out.get("value") == body(n.sop_uid, n.size), out.get("error")
-    assert client.calls[n.sop_uid] == 1
+        assert out.get("value") == body(client, n), out.get("error")
+    assert fetches(client, n) == 1
     assert store.stats().joined == 15
 
 
 def test_concurrent_openers_share_the_error_and_it_is_not_cached(make_store, client, waiters):
     store = make_store()
     n = node(8)
-    gate = client.gate(n.sop_uid)
-    client.failures[n.sop_uid] = [ServerError("503 after retries")]
+    gate = hold(client, n)
+    client.fail("single_image", ServerError("503 after retries"), times=1)
     runs = [in_thread(read_all, store, n) for _ in range(4)]
-    client.started[n.sop_uid].wait(WAIT)
+    assert gate.wait_entered(1)
     waiters.wait_for(3)
-    gate.set()
+    gate.release()
     for t, out in runs:
         t.join(WAIT)
         assert isinstance(out.get("error"), ServerError)
-    assert client.calls[n.sop_uid] == 1
+    assert fetches(client, n) == 1
     assert not store.contains(n)
-    assert read_all(store, n) == body(n.sop_uid, n.size)  # the next open tries again
-    assert client.calls[n.sop_uid] == 2
+    assert read_all(store, n) == body(client, n)  # the next open tries again
+    assert fetches(client, n) == 2
 
 
-def test_waiting_for_a_stuck_fetch_is_bounded(make_store, client, waiters):
+def test_waiting_for_a_stuck_fetch_is_bounded(make_store, client):
     store = make_store(wait_timeout=0.2)
     n = node(9)
-    gate = client.gate(n.sop_uid)
+    gate = hold(client, n)
     leader, out = in_thread(read_all, store, n)
-    client.started[n.sop_uid].wait(WAIT)
+    assert gate.wait_entered(1)
     with pytest.raises(ServerError, match="gave up waiting"):
         store.open(n)
-    gate.set()
+    gate.release()
     leader.join(WAIT)
-    assert out["value"] == body(n.sop_uid, n.size)
+    assert out["value"] == body(client, n)
 
 
 def test_slow_fetch_does_not_block_another_file(make_store, client):
     store = make_store()
     slow, fast = node(1), node(2)
-    gate = client.gate(slow.sop_uid)
+    gate = hold(client, slow)
     t, out = in_thread(read_all, store, slow)
-    client.started[slow.sop_uid].wait(WAIT)
-    assert read_all(store, fast) == body(fast.sop_uid, fast.size)
+    assert gate.wait_entered(1)
+    assert read_all(store, fast) == body(client, fast)
     assert t.is_alive()
-    gate.set()
+    gate.release()
     t.join(WAIT)
-    assert out["value"] == body(slow.sop_uid, slow.size)
+    assert out["value"] == body(client, slow)
 
 
 # ------------------------------------------------------------------ integrity
@@ -277,13 +262,14 @@ def test_slow_fetch_does_not_block_another_file(make_store, client):
 def test_short_body_raises_integrity_error_and_caches_nothing(make_store, client):
     store = make_store()
     n = node(3)
-    client.short.add(n.sop_uid)
+    good = body(client, n)
+    client.archive.data[n.sop_uid] = good[:-10]
     with pytest.raises(IntegrityError):
         store.open(n)
     assert not store.contains(n)
-    client.short.clear()
-    assert read_all(store, n) == body(n.sop_uid, n.size)
-    assert client.calls[n.sop_uid] == 2
+    client.archive.data[n.sop_uid] = good
+    assert read_all(store, n) == good
+    assert fetches(client, n) == 2
 
 
 def test_truncated_cache_file_is_dropped_and_refetched(make_store, client):
@@ -293,19 +279,19 @@ def test_truncated_cache_file_is_dropped_and_refetched(make_store, client):
     with store._cache.get(store._key(n), read=True) as f:
         path = f.name
     os.truncate(path, 100)
-    assert read_all(store, n) == body(n.sop_uid, n.size)
-    assert client.calls[n.sop_uid] == 2
+    assert read_all(store, n) == body(client, n)
+    assert fetches(client, n) == 2
     assert store.stats().corrupt_dropped == 1
-    assert read_all(store, n) == body(n.sop_uid, n.size)
-    assert client.calls[n.sop_uid] == 2
+    assert read_all(store, n) == body(client, n)
+    assert fetches(client, n) == 2
 
 
 def test_cached_value_of_another_size_than_the_node_is_not_served(make_store, client):
     store = make_store()
-    read_all(store, node(5, size=5000))
-    bigger = node(5, size=6000)  # the catalog learned a different exact size: the cached bytes are wrong
-    assert read_all(store, bigger) == body(bigger.sop_uid, 6000)
-    assert client.calls[bigger.sop_uid] == 2
+    read_all(store, node(5))
+    bigger = sized(client, 5, 6000)  # the catalog now knows another exact size: the cached bytes are wrong
+    assert read_all(store, bigger) == body(client, bigger)
+    assert fetches(client, bigger) == 2
 
 
 _KILLED_WRITER = textwrap.dedent(
@@ -325,16 +311,16 @@ _KILLED_WRITER = textwrap.dedent(
             return b""
 
     store = InstanceStore(None, Path(sys.argv[1]), size_limit=10**8, namespace="ns")
-    key = store._key(type("N", (), {"series_uid": "s", "sop_uid": sys.argv[2], "size": 400_000})())
-    store._cache.set(key, Reader(), read=True, tag=400_000)
+    node = type("N", (), {"series_uid": sys.argv[2], "sop_uid": sys.argv[3], "size": 400_000})()
+    store._cache.set(store._key(node), Reader(), read=True, tag=400_000)
     """
 )
 
 
 def test_kill_9_during_a_cache_write_never_leaves_a_servable_value(make_store, client, tmp_path):
-    n = Node("instance", "/x", 400_000, "s", "sop.killed")
+    n = sized(client, 6, 400_000)
     child = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_WRITER, str(tmp_path), n.sop_uid],
+        [sys.executable, "-c", _KILLED_WRITER, str(tmp_path), n.series_uid, n.sop_uid],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
     )
     try:
@@ -348,8 +334,8 @@ def test_kill_9_during_a_cache_write_never_leaves_a_servable_value(make_store, c
     assert partial, "the child should have left a partial value file"
     store = make_store(namespace="ns")
     assert not store.contains(n)
-    assert read_all(store, n) == body(n.sop_uid, n.size)
-    assert client.calls[n.sop_uid] == 1
+    assert read_all(store, n) == body(client, n)
+    assert fetches(client, n) == 1
 
 
 # ------------------------------------------------------------------ full disk, offline
@@ -365,14 +351,14 @@ def test_full_disk_still_serves_fetched_bytes_and_warns_once(make_store, client,
     caplog.set_level(logging.WARNING, logger="nbiafs.store")
     nodes = [node(1), node(2)]
     for n in nodes:
-        assert read_all(store, n) == body(n.sop_uid, n.size)
+        assert read_all(store, n) == body(client, n)
     assert store.stats().memory_fallbacks == 2
     assert not store.contains(nodes[0])
     warnings = [r for r in caplog.records if "disk is full" in r.getMessage()]
     assert len(warnings) == 1
 
 
-def test_failed_value_write_leaves_no_partial_file(make_store, monkeypatch, tmp_path):
+def test_failed_value_write_leaves_no_partial_file(make_store, client, monkeypatch, tmp_path):
     store = make_store()
     real_open = open
 
@@ -397,8 +383,9 @@ def test_failed_value_write_leaves_no_partial_file(make_store, monkeypatch, tmp_
 
     monkeypatch.setattr("builtins.open", fake_open)
     n = node(1)
-    assert read_all(store, n) == body(n.sop_uid, n.size)
+    assert read_all(store, n) == body(client, n)
     monkeypatch.undo()
+    assert store.stats().memory_fallbacks == 1
     assert list((tmp_path / "instances").rglob("*.val")) == []
 
 
@@ -407,23 +394,23 @@ def test_offline_serves_cached_and_refuses_the_rest(make_store, client):
     cached = node(1)
     read_all(online, cached)
     online.close()
-    fresh = FakeClient()
+    fresh = fresh_client()
     offline = make_store(client=fresh, offline=True)
     offline.start()
-    assert read_all(offline, cached) == body(cached.sop_uid, cached.size)
+    assert read_all(offline, cached) == body(client, cached)
     with pytest.raises(OfflineError):
         offline.open(node(2))
     assert offline.prefetch([node(3)]) == 0
-    assert fresh.total == 0
+    assert fresh.total_calls() == 0
 
 
 # ------------------------------------------------------------------ handles and reads
 
 
-def test_read_returns_exact_ranges_and_empty_past_the_end(make_store):
+def test_read_returns_exact_ranges_and_empty_past_the_end(make_store, client):
     store = make_store()
-    n = node(1, size=10_000)
-    data = body(n.sop_uid, n.size)
+    n = sized(client, 1, 10_000)
+    data = body(client, n)
     h = store.open(n)
     assert store.read(h, 100, 0) == data[:100]
     assert store.read(h, 4096, 9000) == data[9000:]
@@ -439,16 +426,17 @@ def test_read_returns_exact_ranges_and_empty_past_the_end(make_store):
         assert err.value.errno == errno.EBADF
 
 
-def test_many_threads_read_one_handle_at_once(make_store):
+def test_many_threads_read_one_handle_at_once(make_store, client):
     store = make_store()
-    n = node(1, size=256 * 1024)
-    data = body(n.sop_uid, n.size)
+    n = sized(client, 1, 256 * 1024)
+    data = body(client, n)
     h = store.open(n)
     barrier = threading.Barrier(8)
 
     def reader(k: int) -> bool:
         barrier.wait(WAIT)
-        return all(store.read(h, 4096, off) == data[off : off + 4096] for off in range(k * 512, n.size, 8 * 4096))
+        offsets = range(k * 512, n.size, 8 * 4096)
+        return all(store.read(h, 4096, off) == data[off : off + 4096] for off in offsets)
 
     runs = [in_thread(reader, k) for k in range(8)]
     for t, out in runs:
@@ -457,13 +445,13 @@ def test_many_threads_read_one_handle_at_once(make_store):
     store.release(h)
 
 
-def test_open_file_stays_readable_after_eviction(make_store):
+def test_open_file_stays_readable_after_eviction(make_store, client):
     store = make_store()
     n = node(1)
     h = store.open(n)
     assert store.clear() == 1
     assert not store.contains(n)
-    assert store.read(h, n.size, 0) == body(n.sop_uid, n.size)
+    assert store.read(h, n.size, 0) == body(client, n)
     store.release(h)
 
 
@@ -476,48 +464,59 @@ def test_evict_all_removes_only_this_namespace(make_store, client):
     assert not mine.contains(node(1)) and other.contains(node(1))
 
 
-def test_lru_bound_holds_and_keeps_the_recently_used(make_store):
+def test_lru_bound_holds_and_keeps_the_recently_used(make_store, client):
     limit, size = 1_000_000, 10_000
     store = make_store(size_limit=limit)
-    first, second = node(0, size), node(1, size)
+    nodes = [sized(client, i, size) for i in range(N_INSTANCES)]
+    first, second = nodes[0], nodes[1]
     read_all(store, first)
     read_all(store, second)
     older = 2 + 2 * store_mod.CULL_LIMIT  # one cull evicts CULL_LIMIT entries: keep `first` out of reach
-    for i in range(2, older):
-        read_all(store, node(i, size))
+    for n in nodes[2:older]:
+        read_all(store, n)
     read_all(store, first)  # used again: now more recent than `second` and the others
     i = older
     while store.contains(second):
-        read_all(store, node(i, size))
+        read_all(store, nodes[i])
         assert store.volume() <= limit + 2 * size
         i += 1
-        assert i < 300, "nothing was ever evicted"
+        assert i < 250, "nothing was ever evicted"
     assert store.contains(first)
-    assert store.contains(node(i - 1, size))
-    for j in range(i, i + 100):
-        read_all(store, node(j, size))
+    assert store.contains(nodes[i - 1])
+    for n in nodes[i : i + 100]:
+        read_all(store, n)
         assert store.volume() <= limit + 2 * size
 
 
 # ------------------------------------------------------------------ prefetch
 
 
-def test_prefetch_fetches_the_rest_of_a_series_once(make_store, client, tmp_path):
+def test_prefetch_fetches_the_rest_of_a_series_once(make_store, client):
     store = make_store(workers=3)
     store.start()
     series = [node(i) for i in range(10)]
     read_all(store, series[0])
     assert store.on_open(series[0], series) == 9
     assert store.on_open(series[3], series) == 0  # the series was scheduled already
-    client.wait_calls(10)
-    store.close()  # joins the workers, so every prefetch is stored
-    assert all(client.calls[n.sop_uid] == 1 for n in series)
+    assert store.wait_prefetched(WAIT)
+    store.close()
+    assert [fetches(client, n) for n in series] == [1] * 10
     assert store.stats().prefetches == 9
-    fresh = FakeClient()
+    fresh = fresh_client()
     again = make_store(client=fresh)
     for n in series:
-        assert read_all(again, n) == body(n.sop_uid, n.size)
-    assert fresh.total == 0
+        assert read_all(again, n) == body(client, n)
+    assert fresh.total_calls() == 0
+
+
+def test_prefetch_starts_after_the_opened_file_and_wraps_around(make_store, client):
+    store = make_store(workers=1)
+    store.start()
+    series = [node(i) for i in range(6)]
+    assert store.on_open(series[2], series) == 5  # one worker: fetches happen in queue order
+    assert store.wait_prefetched(WAIT)
+    order = [args[1] for method, args in client.call_log if method == "single_image"]
+    assert order == [series[i].sop_uid for i in (3, 4, 5, 0, 1)]
 
 
 def test_prefetch_skips_cached_instances(make_store, client):
@@ -531,48 +530,48 @@ def test_direct_open_joins_a_running_prefetch(make_store, client, waiters):
     store = make_store(workers=1)
     store.start()
     n = node(1)
-    gate = client.gate(n.sop_uid)
+    gate = hold(client, n)
     assert store.prefetch([n]) == 1
-    client.started[n.sop_uid].wait(WAIT)
+    assert gate.wait_entered(1)
     t, out = in_thread(read_all, store, n)
     waiters.wait_for(1)
-    gate.set()
+    gate.release()
     t.join(WAIT)
-    assert out["value"] == body(n.sop_uid, n.size)
-    assert client.calls[n.sop_uid] == 1
+    assert out["value"] == body(client, n)
+    assert fetches(client, n) == 1
 
 
 def test_direct_open_does_not_queue_behind_prefetch(make_store, client):
     store = make_store(workers=1)
     store.start()
     busy, queued = node(1), node(2)
-    gate = client.gate(busy.sop_uid)
+    gate = hold(client, busy)
     assert store.prefetch([busy, queued]) == 2
-    client.started[busy.sop_uid].wait(WAIT)
-    assert read_all(store, queued) == body(queued.sop_uid, queued.size)  # the worker is still busy
-    gate.set()
-    store.close()
-    assert client.calls[queued.sop_uid] == 1  # the queued prefetch found it cached
+    assert gate.wait_entered(1)
+    assert read_all(store, queued) == body(client, queued)  # the only worker is still busy
+    gate.release()
+    assert store.wait_prefetched(WAIT)
+    assert fetches(client, queued) == 1  # the queued prefetch found it cached
 
 
 def test_close_cancels_queued_prefetches_and_joins_workers(make_store, client):
     store = make_store(workers=1)
     store.start()
     series = [node(i) for i in range(20)]
-    gate = client.gate(series[0].sop_uid)
+    gate = hold(client, series[0])
     assert store.prefetch(series) == 20
-    client.started[series[0].sop_uid].wait(WAIT)
+    assert gate.wait_entered(1)
     pool = store._pool
     real_shutdown = pool.shutdown
 
     def shutdown(wait: bool = True, *, cancel_futures: bool = False) -> None:
         real_shutdown(wait=False, cancel_futures=cancel_futures)  # queued work is cancelled now...
-        gate.set()  # ...then the busy worker may finish
+        gate.release()  # ...then the busy worker may finish
         real_shutdown(wait=wait)
 
     pool.shutdown = shutdown
     store.close()
-    assert client.total == 1
+    assert fetches(client) == 1
     assert not [t for t in threading.enumerate() if t.name.startswith("nbiafs-prefetch")]
 
 
@@ -580,18 +579,17 @@ def test_prefetch_errors_are_counted_not_cached(make_store, client):
     store = make_store(workers=1)
     store.start()
     n = node(1)
-    client.failures[n.sop_uid] = [ServerError("boom")]
+    client.fail("single_image", ServerError("boom"), times=1)
     store.prefetch([n])
-    client.wait_calls(1)
-    store.close()
+    assert store.wait_prefetched(WAIT)
     assert store.stats().prefetch_errors == 1
     again = make_store()
-    assert read_all(again, n) == body(n.sop_uid, n.size)
-    assert client.calls[n.sop_uid] == 2
+    assert read_all(again, n) == body(client, n)
+    assert fetches(client, n) == 2
 
 
 def test_prefetch_before_start_does_nothing(make_store, client):
     store = make_store()
     assert store.prefetch([node(1)]) == 0
     assert store.on_open(node(1), [node(1), node(2)]) == 0
-    assert client.total == 0
+    assert client.total_calls() == 0
