@@ -187,7 +187,7 @@ class Transport:
             except TRANSIENT_EXCEPTIONS as exc:
                 log.debug("%s %s params=%s data=%s -> %s after %.0f ms", method, endpoint, params,
                           _summarise(data), type(exc).__name__, (self.clock() - started) * 1000)
-                failure = ServerError(f"{what}: {_describe_transport_error(exc)}")
+                failure = _transport_failure(what, exc)
             except requests.RequestException as exc:  # invalid URL and the like: not transient
                 raise BadRequestError(f"{what}: request failed: {type(exc).__name__}: {exc}") from None
             else:
@@ -204,7 +204,7 @@ class Transport:
                         log.debug("%s: retryable bad answer: %s", endpoint, failure)
                     except TRANSIENT_EXCEPTIONS as exc:
                         response.close()
-                        failure = ServerError(f"{what}: {_describe_transport_error(exc)}")
+                        failure = _transport_failure(what, exc)
                     except BaseException:
                         response.close()
                         raise
@@ -259,9 +259,10 @@ class Transport:
         return BadRequestError(f"{what}: the server rejected the request ({status})")
 
 
-def _describe_transport_error(exc: BaseException) -> str:
-    if isinstance(exc, requests.Timeout):
-        return "the request timed out"
+def _transport_failure(what: str, exc: BaseException) -> NbiaError:
+    """A failed transfer: a body cut short is a ProtocolError, no answer at all a ServerError."""
     if isinstance(exc, (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError)):
-        return "the answer was cut short or corrupt"
-    return "could not connect to the server (connection failed or reset)"
+        return ProtocolError(f"{what}: the answer was cut short or corrupt")
+    if isinstance(exc, requests.Timeout):
+        return ServerError(f"{what}: the request timed out")
+    return ServerError(f"{what}: could not connect to the server (connection failed or reset)")

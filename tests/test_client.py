@@ -1,0 +1,532 @@
+"""NBIA client against a mocked server (responses): every trap of the API and the retry policy."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+import zipfile
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import requests
+import responses
+
+from nbiafs.auth import TokenManager
+from nbiafs.client import NbiaClient
+from nbiafs.errors import (
+    BadRequestError,
+    ForbiddenError,
+    IntegrityError,
+    NotFoundError,
+    ProtocolError,
+    ServerError,
+    TokenExpiredError,
+)
+
+BASE = "http://127.0.0.1:9"
+V2 = f"{BASE}/nbia-api/services/v2"
+V4 = f"{BASE}/nbia-api/services/v4"
+ADV = f"{BASE}/nbia-api/services"
+TOKEN_URL = f"{BASE}/nbia-api/oauth/token"
+SECRET = "pw-Very-S3cret"
+
+
+class TokenServer:
+    """Issues tok1, tok2, ... on every token request."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, request):
+        with self.lock:
+            self.count += 1
+            n = self.count
+        return 200, {}, f'{{"access_token": "tok{n}", "expires_in": 7200, "refresh_token": "r{n}"}}'
+
+
+@pytest.fixture
+def rsps():
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock
+
+
+@pytest.fixture
+def tokens(rsps):
+    server = TokenServer()
+    rsps.add_callback(responses.POST, TOKEN_URL, callback=server)
+    manager = TokenManager(BASE)
+    manager.server = server  # type: ignore[attr-defined]
+    yield manager
+    manager.stop()
+
+
+def make_client(tokens=None, **kw) -> NbiaClient:
+    kw.setdefault("retries", 3)
+    kw.setdefault("backoff", 0.001)
+    kw.setdefault("deadline", 10.0)
+    return NbiaClient(BASE, tokens, **kw)
+
+
+def calls_to(rsps, endpoint: str) -> list[responses.Call]:
+    return [c for c in rsps.calls if urlsplit(c.request.url).path.endswith("/" + endpoint)]
+
+
+def auth_of(call: responses.Call) -> str | None:
+    return call.request.headers.get("Authorization")
+
+
+def zip_bytes(names: list[str], size: int = 1000, streamed: bool = False) -> bytes:
+    buf = io.BytesIO()
+    target = buf
+    if streamed:  # a non-seekable target makes zipfile write data descriptors, like the server
+        class NoSeek(io.RawIOBase):
+            def writable(self) -> bool:
+                return True
+
+            def write(self, b) -> int:
+                return buf.write(b)
+        target = NoSeek()
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for i, name in enumerate(names):
+            zf.writestr(name, bytes([i % 256]) * size)
+    return buf.getvalue()
+
+
+# -- typed records and API shapes -------------------------------------------------------------
+
+def test_collections_sends_bearer_and_returns_records(rsps, tokens):
+    rsps.get(f"{V2}/getCollectionValues", json=[{"Collection": "4D-Lung"}, {"Collection": "LIDC-IDRI"}])
+    client = make_client(tokens)
+    assert [c.name for c in client.collections()] == ["4D-Lung", "LIDC-IDRI"]
+    assert auth_of(calls_to(rsps, "getCollectionValues")[0]) == "Bearer tok1"
+    assert calls_to(rsps, "getCollectionValues")[0].request.headers["User-Agent"].startswith("nbiafs/")
+
+
+def test_patients_read_patientid_with_lowercase_d(rsps, tokens):
+    rsps.get(f"{V2}/getPatient", json=[{"PatientId": "P-1", "Collection": "C", "PatientSex": "F"},
+                                       {"PatientId": "P-2", "Collection": "C"}])
+    patients = make_client(tokens).patients("C")
+    assert [(p.patient_id, p.sex) for p in patients] == [("P-1", "F"), ("P-2", None)]
+    assert parse_qs(urlsplit(calls_to(rsps, "getPatient")[0].request.url).query) == {"Collection": ["C"]}
+
+
+def test_studies_and_series_with_v2_dates_and_string_series_number(rsps, tokens):
+    rsps.get(f"{V2}/getPatientStudy", json=[{"StudyInstanceUID": "1.1", "StudyDate": "2003-12-12 00:00:00.0",
+                                             "PatientID": "P-1", "SeriesCount": 2}])
+    rsps.get(f"{V2}/getSeries", json=[{"SeriesInstanceUID": "1.1.1", "StudyInstanceUID": "1.1",
+                                       "SeriesNumber": "3000566.000000", "FileSize": 1234}])
+    client = make_client(tokens)
+    study = client.studies("C", "P-1")[0]
+    assert (study.collection, study.date.isoformat(), study.series_count) == ("C", "2003-12-12", 2)
+    series = client.series(study_uid="1.1")[0]
+    assert (series.number, series.file_size, series.description) == (3000566, 1234, None)
+
+
+def test_v4_search_sends_no_authorization_and_reads_mm_dd_yyyy(rsps):
+    rsps.get(f"{V4}/getPatientStudy", json=[{"StudyInstanceUID": "1.1", "StudyDate": "12-31-2003",
+                                             "PatientID": "P", "Collection": "C"}])
+    rsps.get(f"{V4}/getSeries", body="")
+    client = make_client(api="v4")
+    assert client.studies("C")[0].date.isoformat() == "2003-12-31"
+    assert client.series(collection="C") == []  # v4 is anonymous: an empty body is simply empty
+    assert all(auth_of(c) is None for c in rsps.calls)
+    assert not calls_to(rsps, "oauth/token")
+
+
+def test_v4_client_still_uses_a_token_for_advanced_calls(rsps):
+    rsps.add_callback(responses.POST, TOKEN_URL, callback=TokenServer())
+    rsps.get(f"{ADV}/getLicenses", json=[{"id": 1, "shortName": "CC BY 3.0"}])
+    client = make_client(api="v4")
+    assert client.licenses()[0].short_name == "CC BY 3.0"
+    assert auth_of(calls_to(rsps, "getLicenses")[0]) == "Bearer tok1"
+    client.close()
+
+
+def test_sop_uids_series_size_and_md5(rsps, tokens):
+    rsps.get(f"{V2}/getSOPInstanceUIDs", json=[{"SOPInstanceUID": "9.1"}, {"SOPInstanceUID": "9.2"}])
+    rsps.get(f"{V2}/getSeriesSize", json=[{"TotalSizeInBytes": "2048.0", "ObjectCount": 2}])
+    rsps.get(f"{V2}/getM5HashForImage", body="0123456789abcdef0123456789ABCDEF")
+    client = make_client(tokens)
+    assert client.sop_instance_uids("1.2") == ["9.1", "9.2"]
+    size = client.series_size("1.2")
+    assert size is not None and (size.total_bytes, size.object_count) == (2048, 2)
+    assert client.md5_for_image("9.1") == "0123456789abcdef0123456789abcdef"
+    assert "SOPInstanceUid=9.1" in calls_to(rsps, "getM5HashForImage")[0].request.url
+
+
+def test_drilldowns_post_repeated_list_fields(rsps, tokens):
+    rsps.post(f"{ADV}/getStudyDrillDownWithSeriesIds", json=[{"studyId": "1.1", "date": 874299600000,
+              "seriesList": [{"seriesUID": "1.2", "seriesPkId": 77, "exactSize": 100, "numberImages": 2}]}])
+    rsps.post(f"{ADV}/getImageDrillDown", json=[
+        {"sopInstanceUid": "9.1", "seriesInstanceUid": "1.2", "instanceNumber": 1, "size": 60},
+        {"sopInstanceUid": "9.2", "seriesInstanceUid": "1.2", "instanceNumber": 2, "size": 40}])
+    client = make_client(tokens)
+    studies = client.study_drilldown(["1.2", "1.3"])
+    assert studies[0].series[0].series_pk_id == 77
+    sent = parse_qs(calls_to(rsps, "getStudyDrillDownWithSeriesIds")[0].request.body)
+    assert sent == {"list": ["1.2", "1.3"]}
+    instances = client.image_drilldown([77, 78])
+    assert [(i.sop_uid, i.number, i.size) for i in instances] == [("9.1", 1, 60), ("9.2", 2, 40)]
+    assert parse_qs(calls_to(rsps, "getImageDrillDown")[0].request.body) == {"list": ["77", "78"]}
+    assert auth_of(calls_to(rsps, "getImageDrillDown")[0]) == "Bearer tok1"
+
+
+def test_collection_descriptions(rsps, tokens):
+    rsps.get(f"{ADV}/getCollectionDescriptions", json=[{"collectionName": "4D-Lung", "description": "<p>x</p>",
+                                                         "licenseId": None}])
+    descs = make_client(tokens).collection_descriptions("4D-Lung")
+    assert descs[0].collection == "4D-Lung" and descs[0].license_id is None
+    assert "collectionName=4D-Lung" in calls_to(rsps, "getCollectionDescriptions")[0].request.url
+
+
+def test_updated_series_sends_dd_mm_yyyy_and_no_data_500_is_empty(rsps, tokens):
+    import datetime as dt
+    rsps.get(f"{V2}/getUpdatedSeries", status=500, body="No data found.")
+    assert make_client(tokens).updated_series(dt.date(2020, 1, 31)) == []
+    assert "fromDate=31%2F01%2F2020" in calls_to(rsps, "getUpdatedSeries")[0].request.url
+    assert len(calls_to(rsps, "getUpdatedSeries")) == 1
+
+
+# -- empty bodies and hidden auth failures ------------------------------------------------------
+
+def test_empty_body_with_a_valid_token_is_an_empty_list_after_one_probe(rsps, tokens):
+    rsps.get(f"{V2}/getSeries", body="")
+    rsps.get(f"{V2}/getCollectionValues", json=[{"Collection": "C"}])
+    client = make_client(tokens)
+    assert client.series(collection="C") == []
+    assert client.series(collection="D") == []  # within the verified window: no second probe
+    assert len(calls_to(rsps, "getCollectionValues")) == 1
+    assert auth_of(calls_to(rsps, "getCollectionValues")[0]) == "Bearer tok1"
+
+
+def test_empty_body_with_a_dead_token_renews_and_retries(rsps, tokens):
+    def series(request):
+        if auth_of_request(request) == "Bearer tok1":
+            return 200, {}, ""  # the server hides the expired token behind an empty answer
+        return 200, {}, '[{"SeriesInstanceUID": "1.2", "StudyInstanceUID": "1.1"}]'
+
+    def probe(request):
+        return (401, {}, "") if auth_of_request(request) == "Bearer tok1" else (200, {}, "[]")
+
+    rsps.add_callback(responses.GET, f"{V2}/getSeries", callback=series)
+    rsps.add_callback(responses.GET, f"{V2}/getCollectionValues", callback=probe)
+    client = make_client(tokens)
+    assert [s.series_uid for s in client.series(collection="C")] == ["1.2"]
+    assert tokens.server.count == 2
+
+
+def test_empty_body_with_a_token_rejected_even_after_renewal_is_token_expired(rsps, tokens):
+    rsps.get(f"{V2}/getPatient", body="")
+    rsps.get(f"{V2}/getCollectionValues", status=401)
+    with pytest.raises(TokenExpiredError, match="getPatient"):
+        make_client(tokens).patients("C")
+
+
+def auth_of_request(request) -> str | None:
+    return request.headers.get("Authorization")
+
+
+# -- 401 ---------------------------------------------------------------------------------------
+
+def test_401_then_success_refreshes_once(rsps, tokens):
+    rsps.get(f"{V2}/getCollectionValues", status=401)
+    rsps.get(f"{V2}/getCollectionValues", json=[{"Collection": "C"}])
+    client = make_client(tokens)
+    assert [c.name for c in client.collections()] == ["C"]
+    assert [auth_of(c) for c in calls_to(rsps, "getCollectionValues")] == ["Bearer tok1", "Bearer tok2"]
+
+
+def test_401_twice_is_token_expired(rsps, tokens):
+    rsps.get(f"{V2}/getSingleImage", status=401)
+    with pytest.raises(TokenExpiredError, match="getSingleImage"):
+        make_client(tokens).single_image("1.2", "9.1")
+    assert len(calls_to(rsps, "getSingleImage")) == 2
+
+
+def test_many_threads_hitting_401_share_one_refresh(rsps, tokens):
+    def image(request):
+        return (401, {}, "") if auth_of_request(request) == "Bearer tok1" else (200, {}, b"DICM")
+
+    rsps.add_callback(responses.GET, f"{V2}/getSingleImage", callback=image)
+    client = make_client(tokens)
+    tokens.get_token()
+    results: list[bytes] = []
+    threads = [threading.Thread(target=lambda: results.append(client.single_image("1", "2"))) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results == [b"DICM"] * 10
+    assert tokens.server.count == 2
+
+
+# -- retries -----------------------------------------------------------------------------------
+
+def test_500s_then_success(rsps, tokens):
+    rsps.get(f"{V2}/getCollectionValues", status=500)
+    rsps.get(f"{V2}/getCollectionValues", status=503)
+    rsps.get(f"{V2}/getCollectionValues", json=[{"Collection": "C"}])
+    assert len(make_client(tokens).collections()) == 1
+    assert len(calls_to(rsps, "getCollectionValues")) == 3
+
+
+def test_500_forever_is_server_error_within_the_deadline(rsps, tokens):
+    rsps.get(f"{V2}/getCollectionValues", status=500)
+    client = make_client(tokens, retries=100, backoff=0.05, deadline=0.6)
+    started = time.monotonic()
+    with pytest.raises(ServerError, match="getCollectionValues"):
+        client.collections()
+    assert time.monotonic() - started < 1.5
+    assert 2 <= len(calls_to(rsps, "getCollectionValues")) < 100
+
+
+def test_retry_count_is_bounded(rsps, tokens):
+    rsps.get(f"{V2}/getCollectionValues", status=502)
+    with pytest.raises(ServerError):
+        make_client(tokens, retries=2).collections()
+    assert len(calls_to(rsps, "getCollectionValues")) == 3
+
+
+def test_connection_errors_are_retried_and_become_server_error(rsps, tokens):
+    rsps.get(f"{V2}/getCollectionValues", body=requests.ConnectionError("reset"))
+    with pytest.raises(ServerError, match="could not connect"):
+        make_client(tokens, retries=2).collections()
+    assert len(calls_to(rsps, "getCollectionValues")) == 3
+
+
+def test_429_honours_retry_after(rsps, tokens):
+    rsps.get(f"{V2}/getCollectionValues", status=429, headers={"Retry-After": "0.3"})
+    rsps.get(f"{V2}/getCollectionValues", json=[{"Collection": "C"}])
+    started = time.monotonic()
+    assert len(make_client(tokens).collections()) == 1
+    assert time.monotonic() - started >= 0.3
+
+
+def test_429_with_retry_after_beyond_the_deadline_gives_up_at_once(rsps, tokens):
+    rsps.get(f"{V2}/getCollectionValues", status=429, headers={"Retry-After": "3600"})
+    started = time.monotonic()
+    with pytest.raises(ServerError, match="busy"):
+        make_client(tokens, deadline=5).collections()
+    assert time.monotonic() - started < 1
+
+
+def test_other_4xx_are_not_retried(rsps, tokens):
+    rsps.get(f"{V2}/getPatient", status=400)
+    with pytest.raises(BadRequestError, match="getPatient"):
+        make_client(tokens).patients("C")
+    assert len(calls_to(rsps, "getPatient")) == 1
+
+
+def test_malformed_json_is_retried_then_protocol_error(rsps, tokens):
+    rsps.get(f"{V2}/getCollectionValues", body='[{"Collection": "C"')
+    with pytest.raises(ProtocolError, match="malformed JSON"):
+        make_client(tokens, retries=1).collections()
+    assert len(calls_to(rsps, "getCollectionValues")) == 2
+
+
+def test_malformed_json_once_then_good_answer(rsps, tokens):
+    rsps.get(f"{V2}/getCollectionValues", body="<html>oops")
+    rsps.get(f"{V2}/getCollectionValues", json=[{"Collection": "C"}])
+    assert len(make_client(tokens).collections()) == 1
+
+
+def test_close_interrupts_a_backoff_wait(rsps, tokens):
+    client = make_client(tokens, retries=5, backoff=30, deadline=120)
+    errors: list[BaseException] = []
+    first_try = threading.Event()
+
+    def run() -> None:
+        try:
+            client.collections()
+        except ServerError as exc:
+            errors.append(exc)
+
+    rsps.add_callback(responses.GET, f"{V2}/getCollectionValues",
+                      callback=lambda r: (first_try.set(), (503, {}, ""))[1])
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert first_try.wait(5)
+    started = time.monotonic()
+    client.close()
+    thread.join(5)
+    assert not thread.is_alive() and errors
+    assert time.monotonic() - started < 2
+
+
+# -- getSingleImage ----------------------------------------------------------------------------
+
+def test_single_image_returns_bytes(rsps, tokens):
+    rsps.get(f"{V2}/getSingleImage", body=b"DICMxxxx", content_type="application/dicom")
+    client = make_client(tokens)
+    assert client.single_image("1.2", "9.1", expected_size=8) == b"DICMxxxx"
+    query = parse_qs(urlsplit(calls_to(rsps, "getSingleImage")[0].request.url).query)
+    assert query == {"SeriesInstanceUID": ["1.2"], "SOPInstanceUID": ["9.1"]}
+
+
+def test_single_image_500_is_not_found_after_retries(rsps, tokens):
+    rsps.get(f"{V2}/getSingleImage", status=500)
+    with pytest.raises(NotFoundError, match="9.1"):
+        make_client(tokens, retries=2).single_image("1.2", "9.1")
+    assert len(calls_to(rsps, "getSingleImage")) == 3
+
+
+def test_single_image_wrong_size_is_retried_then_integrity_error(rsps, tokens):
+    rsps.get(f"{V2}/getSingleImage", body=b"DICM")
+    with pytest.raises(IntegrityError, match="expected 10"):
+        make_client(tokens, retries=1).single_image("1.2", "9.1", expected_size=10)
+    assert len(calls_to(rsps, "getSingleImage")) == 2
+
+
+def test_single_image_truncated_then_complete(rsps, tokens):
+    rsps.get(f"{V2}/getSingleImage", body=b"DIC")
+    rsps.get(f"{V2}/getSingleImage", body=b"DICMxx")
+    assert make_client(tokens).single_image("1.2", "9.1", expected_size=6) == b"DICMxx"
+
+
+def test_single_image_shorter_than_content_length_is_rejected(rsps, tokens):
+    rsps.get(f"{V2}/getSingleImage", body=b"DICM", headers={"Content-Length": "100"}, auto_calculate_content_length=False)
+    with pytest.raises(ProtocolError, match="cut short|announced"):
+        make_client(tokens, retries=1).single_image("1.2", "9.1")
+
+
+class CutShortServer:
+    """A real HTTP server on 127.0.0.1 that announces 100 bytes, sends 4 and closes (first N times)."""
+
+    def __init__(self, failures: int) -> None:
+        import http.server
+
+        owner = self
+        self.failures = failures
+        self.requests = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                owner.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Length", "8")
+                self.end_headers()
+                if owner.requests <= owner.failures:
+                    self.wfile.write(b"DICM")
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                else:
+                    self.wfile.write(b"DICMxxxx")
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
+
+
+def test_single_image_cut_short_on_a_real_socket_is_retried():
+    server = CutShortServer(failures=1)
+    try:
+        client = NbiaClient(server.url, api="v4", retries=2, backoff=0.001, deadline=10)
+        assert client.single_image("1.2", "9.1") == b"DICMxxxx"
+        assert server.requests == 2
+        client.close()
+    finally:
+        server.close()
+
+
+def test_single_image_always_cut_short_is_a_protocol_error():
+    server = CutShortServer(failures=100)
+    try:
+        client = NbiaClient(server.url, api="v4", retries=1, backoff=0.001, deadline=10)
+        with pytest.raises(ProtocolError, match="9.1"):
+            client.single_image("1.2", "9.1")
+        client.close()
+    finally:
+        server.close()
+
+
+# -- getImage zip ----------------------------------------------------------------------------
+
+def read_zip(client: NbiaClient, **kw) -> dict[str, bytes]:
+    out = {}
+    for member, chunks in client.image_zip("1.2", **kw):
+        out[member.name] = b"".join(chunks)
+    return out
+
+
+def test_image_zip_streams_members_with_data_descriptors(rsps, tokens):
+    names = ["LICENSE", "00000001.dcm", "00000002.dcm"]
+    rsps.get(f"{V2}/getImage", body=zip_bytes(names, size=200_000, streamed=True))
+    got = read_zip(make_client(tokens), expected_count=2)
+    assert list(got) == names
+    assert got["00000002.dcm"] == bytes([2]) * 200_000
+
+
+def test_image_zip_new_file_names_parameter(rsps, tokens):
+    rsps.get(f"{V2}/getImage", body=zip_bytes(["LICENSE", "1-001.dcm"]))
+    assert list(read_zip(make_client(tokens), new_file_names=True)) == ["LICENSE", "1-001.dcm"]
+    assert "NewFileNames=Yes" in calls_to(rsps, "getImage")[0].request.url
+
+
+def test_image_zip_skips_members_the_caller_did_not_read(rsps, tokens):
+    rsps.get(f"{V2}/getImage", body=zip_bytes(["LICENSE", "00000001.dcm"]))
+    names = [member.name for member, _chunks in make_client(tokens).image_zip("1.2")]
+    assert names == ["LICENSE", "00000001.dcm"]
+
+
+def test_short_zip_is_a_protocol_error(rsps, tokens):
+    rsps.get(f"{V2}/getImage", body=zip_bytes(["LICENSE", "00000001.dcm"]))
+    with pytest.raises(ProtocolError, match="short zip: 1 instance"):
+        read_zip(make_client(tokens), expected_count=3)
+
+
+def test_truncated_zip_is_a_protocol_error(rsps, tokens):
+    body = zip_bytes(["LICENSE", "00000001.dcm", "00000002.dcm"], size=50_000, streamed=True)
+    rsps.get(f"{V2}/getImage", body=body[: len(body) * 2 // 3])
+    client = make_client(tokens)
+    complete = []
+    with pytest.raises(ProtocolError, match="getImage for series 1.2"):
+        for member, chunks in client.image_zip("1.2", expected_count=2):
+            data = b"".join(chunks)
+            complete.append((member.name, len(data)))
+    assert ("00000001.dcm", 50_000) in complete  # what arrived whole was delivered whole
+    assert all(size == 50_000 for name, size in complete if name.endswith(".dcm"))
+
+
+def test_get_image_400_is_forbidden_and_not_retried(rsps, tokens):
+    rsps.get(f"{V2}/getImage", status=400)
+    with pytest.raises(ForbiddenError, match="1.2"):
+        make_client(tokens).image_zip("1.2")
+    assert len(calls_to(rsps, "getImage")) == 1
+
+
+# -- logs and secrets -----------------------------------------------------------------------
+
+def test_requests_logged_at_debug_without_password_or_token(rsps, caplog):
+    rsps.post(TOKEN_URL, json={"access_token": "tok-SECRET-1", "expires_in": 7200, "refresh_token": "ref-SECRET"})
+    rsps.get(f"{V2}/getCollectionValues", status=401)
+    rsps.get(f"{V2}/getCollectionValues", json=[{"Collection": "C"}])
+    rsps.get(f"{BASE}/nbia-api/logout", body="")
+    with caplog.at_level(logging.DEBUG):
+        client = make_client(TokenManager(BASE, "alice", SECRET))
+        client.collections()
+        client.tokens.close()
+        client.close()
+    assert "getCollectionValues" in caplog.text and "401" in caplog.text and "200" in caplog.text
+    for secret in (SECRET, "tok-SECRET-1", "ref-SECRET", "Bearer"):
+        assert secret not in caplog.text
+
+
+def test_session_pool_is_sized_to_pool_size():
+    client = NbiaClient(BASE, api="v4", pool_size=13)
+    adapter = client.session.get_adapter("http://127.0.0.1:9/")
+    assert adapter._pool_maxsize == 13
+    client.close()
