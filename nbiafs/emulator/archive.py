@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 #: Bump when the archive's content or layout changes: older archives are rebuilt.
-ARCHIVE_FORMAT = 1
+ARCHIVE_FORMAT = 2
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ number and description, and a PatientID holding a space.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import hashlib
 from dataclasses import dataclass, field
@@ -133,7 +134,7 @@ SPEC: tuple[CollectionSpec, ...] = (
         "https://doi.org/10.0000/NBIAFS.EDGE-CASES", _t(2021, 6, 30), (
             PatientSpec("EC-0001", None, None, None, (
                 StudySpec(None, "<MPR Range[1]> a/b\\c", "6001", (
-                    SeriesSpec("CT", 3, 7, "PET/CT fused \\ recon", _t(2021, 6, 30)),
+                    SeriesSpec("CT", 3, 7, "PET/CT fused\\recon", _t(2021, 6, 30)),
                     SeriesSpec("MR", 3, 8, "<MPR Range[1]>", _t(2021, 6, 30)),
                     SeriesSpec("MR", 3, None, None, _t(2021, 6, 30)),
                 )),
@@ -172,7 +173,7 @@ def _ds_number(value: float) -> str:
 
 def _make_slice(template: Dataset, base: np.ndarray, *, k: int, n: int, patient: PatientSpec, study: StudySpec,
                 study_uid: str, series: SeriesSpec, series_uid: str, frame_uid: str, sop_uid: str) -> Dataset:
-    ds = template.copy()
+    ds = copy.deepcopy(template)  # Dataset.copy() is shallow: it would edit the template
     ds.remove_private_tags()
     for keyword in ("SmallestImagePixelValue", "LargestImagePixelValue", "OtherPatientIDs",
                     "ImagesInAcquisition", "ReferencedImageSequence", "SourceImageSequence",
