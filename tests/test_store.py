@@ -455,6 +455,17 @@ def test_open_file_stays_readable_after_eviction(make_store, client):
     store.release(h)
 
 
+def test_entry_removed_by_another_process_is_fetched_again_not_served_stale(make_store, client):
+    store = make_store()
+    n = node(1)
+    read_all(store, n)
+    read_all(store, n)  # remembered for the fast open path now
+    other = make_store()  # e.g. `nbiafs cache clear` in another process
+    assert other.clear() == 1
+    assert read_all(store, n) == body(client, n)
+    assert fetches(client, n) == 2
+
+
 def test_evict_all_removes_only_this_namespace(make_store, client):
     mine = make_store(namespace="A")
     other = make_store(namespace="B")
@@ -466,7 +477,7 @@ def test_evict_all_removes_only_this_namespace(make_store, client):
 
 def test_lru_bound_holds_and_keeps_the_recently_used(make_store, client):
     limit, size = 1_000_000, 10_000
-    store = make_store(size_limit=limit)
+    store = make_store(size_limit=limit, touch_interval=0)  # mark every use in the LRU order
     nodes = [sized(client, i, size) for i in range(N_INSTANCES)]
     first, second = nodes[0], nodes[1]
     read_all(store, first)
