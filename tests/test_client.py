@@ -33,6 +33,14 @@ TOKEN_URL = f"{BASE}/nbia-api/oauth/token"
 SECRET = "pw-Very-S3cret"
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class TokenServer:
     """Issues tok1, tok2, ... on every token request."""
 
@@ -530,3 +538,50 @@ def test_session_pool_is_sized_to_pool_size():
     adapter = client.session.get_adapter("http://127.0.0.1:9/")
     assert adapter._pool_maxsize == 13
     client.close()
+
+
+# -- against the project's emulator (real sockets, real zips) --------------------------------
+
+def walk_first_series(client: NbiaClient):
+    collection = client.collections()[0].name
+    patient = client.patients(collection)[0]
+    study = client.studies(collection, patient.patient_id)[0]
+    series = client.series(collection, patient.patient_id, study.study_uid)[0]
+    return collection, patient, study, series
+
+
+def test_emulator_tree_sizes_and_bytes_agree(make_emulator):
+    emu = make_emulator()
+    client = NbiaClient(emu.url, retries=2, backoff=0.01, deadline=20)
+    try:
+        _c, _p, study, series = walk_first_series(client)
+        assert series.study_uid == study.study_uid
+        uids = client.sop_instance_uids(series.series_uid)
+        drill = client.study_drilldown([series.series_uid])
+        pk = drill[0].series[0].series_pk_id
+        instances = client.image_drilldown([pk])
+        assert sorted(i.sop_uid for i in instances) == sorted(uids)
+        first = instances[0]
+        data = client.single_image(series.series_uid, first.sop_uid, expected_size=first.size)
+        assert len(data) == first.size and data[128:132] == b"DICM"
+        members = {m.name: b"".join(chunks) for m, chunks in client.image_zip(series.series_uid,
+                                                                              expected_count=len(uids))}
+        assert sum(name.endswith(".dcm") for name in members) == len(uids)
+        assert data in members.values()
+    finally:
+        client.close()
+
+
+def test_emulator_expired_token_hidden_behind_empty_answer_is_renewed(make_emulator):
+    emu = make_emulator()
+    clock = FakeClock()
+    client = NbiaClient(emu.url, TokenManager(emu.url, clock=clock), retries=2, backoff=0.01, deadline=20)
+    try:
+        collection, patient, _study, _series = walk_first_series(client)
+        expected = client.patients(collection)
+        emu.expire_tokens()  # the server forgets every token; getPatient now answers empty
+        clock.now += 31  # past the window in which a proven token is trusted without a probe
+        assert client.patients(collection) == expected
+        assert client.tokens.renewals == 2
+    finally:
+        client.close()
