@@ -11,7 +11,8 @@ and keeping listings (via :mod:`nbiafs.metacache`). Costs, which tests count:
 * concurrent listings of one directory: one call (single-flight per key in the metadata cache).
 
 Exact sizes: from ``getImageDrillDown``; where the drill-down is unavailable (``use_drilldown=False``,
-the advanced API refuses, or it does not know the series) sizes are learned by fetching each instance
+the advanced API refuses (Forbidden/BadRequest) or is missing (NotFound), or it does not know
+the series) sizes are learned by fetching each instance
 through ``probe(series_uid, sop_uid) -> (size, instance_number)`` (the store does this and keeps the
 bytes). Without a probe that is a :class:`ProtocolError`: sizes are never guessed.
 
@@ -321,7 +322,7 @@ class Catalog:
                 log.info("drill-down does not know series %s; falling back to getSOPInstanceUIDs", series_uid)
                 return None
             found = self.client.image_drilldown([pk])
-        except (ForbiddenError, BadRequestError) as exc:
+        except (ForbiddenError, BadRequestError, NotFoundError) as exc:  # refused, or no such endpoint
             log.info("drill-down unavailable for %s (%s); falling back to getSOPInstanceUIDs", series_uid, exc)
             return None
         others = [i for i in found if i.series_uid != series_uid]

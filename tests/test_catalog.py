@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -335,7 +336,8 @@ def test_without_drilldown_sizes_are_learned_by_probing(fake, metas):
 
 
 @pytest.mark.parametrize("method,error", [("study_drilldown", ForbiddenError("advanced API refused")),
-                                          ("image_drilldown", BadRequestError("400"))])
+                                          ("image_drilldown", BadRequestError("400")),
+                                          ("study_drilldown", NotFoundError("404: no such endpoint"))])
 def test_refused_drilldown_falls_back_to_probing(fake, metas, method, error):
     fake.fail(method, error)
     probe = Probe(fake.archive)
@@ -416,3 +418,34 @@ def test_offline_without_a_cached_listing_is_an_offline_error(fake, cache_dir, m
     with pytest.raises(OfflineError):
         Catalog(quiet, metas(None), offline=True).children("/")
     assert quiet.total_calls() == 0
+
+
+# -- against the emulator, through the real client ---------------------------------------------------
+
+def test_real_client_tree_has_exact_sizes_one_request_per_level_and_none_after_remount(emulator, tmp_path):
+    from nbiafs.client import NbiaClient
+
+    namespace = f"{emulator.url}|nbia_guest"
+    client = NbiaClient(emulator.url, retries=1, backoff=0.01, deadline=20)
+    try:
+        with MetadataCache(tmp_path / "metadata", namespace, ttl=3600) as meta:
+            cat = Catalog(client, meta)
+            before = emulator.stats()
+            tree = walk(cat)
+            spent = emulator.stats() - before
+        directories = Counter(n.kind for n in tree.values())
+        assert spent["getCollectionValues"] <= 2  # one listing (+ possibly one auth check)
+        assert spent["getPatient"] == directories["collection"]
+        assert spent["getPatientStudy"] == directories["patient"]
+        assert spent["getSeries"] == directories["study"]
+        assert spent["getStudyDrillDownWithSeriesIds"] == directories["series"]
+        assert spent["getImageDrillDown"] == directories["series"]
+        files = [n for n in tree.values() if n.kind == "instance"]
+        for node in files[:: max(1, len(files) // 5)]:
+            assert node.size == len(client.single_image(node.series_uid, node.sop_uid))
+        with MetadataCache(tmp_path / "metadata", namespace, ttl=3600) as meta:
+            before = emulator.stats()
+            assert walk(Catalog(client, meta)) == tree
+            assert emulator.stats() - before == Counter()
+    finally:
+        client.close()
