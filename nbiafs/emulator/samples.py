@@ -14,7 +14,7 @@ number and description, and a PatientID holding a space.
 
 from __future__ import annotations
 
-import copy
+import io
 import datetime as dt
 import hashlib
 from dataclasses import dataclass, field
@@ -171,15 +171,38 @@ def _ds_number(value: float) -> str:
     return "0" if text in ("-0", "") else text
 
 
-def _make_slice(template: Dataset, base: np.ndarray, *, k: int, n: int, patient: PatientSpec, study: StudySpec,
-                study_uid: str, series: SeriesSpec, series_uid: str, frame_uid: str, sop_uid: str) -> Dataset:
-    ds = copy.deepcopy(template)  # Dataset.copy() is shallow: it would edit the template
+@dataclass(frozen=True)
+class _Template:
+    """A source file stripped of private tags, identifying extras and pixels, ready to be re-parsed."""
+
+    data: bytes
+    pixels: np.ndarray
+    orientation: np.ndarray
+    origin: np.ndarray
+    spacing: float
+
+
+def _load_template(name: str) -> _Template:
+    ds = pydicom.dcmread(get_testdata_file(name))
+    pixels = ds.pixel_array.copy()
     ds.remove_private_tags()
-    for keyword in ("SmallestImagePixelValue", "LargestImagePixelValue", "OtherPatientIDs",
+    for keyword in ("SmallestImagePixelValue", "LargestImagePixelValue", "OtherPatientIDs", "PixelData",
                     "ImagesInAcquisition", "ReferencedImageSequence", "SourceImageSequence",
                     "PatientBirthDate", "AccessionNumber", "RequestAttributesSequence"):
         if keyword in ds:
             delattr(ds, keyword)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return _Template(buffer.getvalue(), pixels,
+                     np.array([float(x) for x in ds.ImageOrientationPatient]),
+                     np.array([float(x) for x in ds.ImagePositionPatient]), float(ds.SliceThickness))
+
+
+def _make_slice(template: _Template, *, k: int, n: int, patient: PatientSpec, study: StudySpec,
+                study_uid: str, series: SeriesSpec, series_uid: str, frame_uid: str, sop_uid: str) -> Dataset:
+    # re-parsing the prepared bytes is much cheaper than deep-copying a Dataset (elements stay raw)
+    ds = pydicom.dcmread(io.BytesIO(template.data))
+    base = template.pixels
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.PatientID = patient.patient_id
     ds.PatientName = patient.name or ""
@@ -218,11 +241,9 @@ def _make_slice(template: Dataset, base: np.ndarray, *, k: int, n: int, patient:
     maker, model, software = _MANUFACTURER[series.kind]
     ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = maker, model, software
     # geometry: a stack along the normal of the image plane
-    orient = np.array([float(x) for x in template.ImageOrientationPatient])
-    normal = np.cross(orient[:3], orient[3:])
-    spacing = float(template.SliceThickness)
-    origin = np.array([float(x) for x in template.ImagePositionPatient])
-    position = origin + k * spacing * normal
+    normal = np.cross(template.orientation[:3], template.orientation[3:])
+    spacing = template.spacing
+    position = template.origin + k * spacing * normal
     ds.ImagePositionPatient = [_ds_number(v) for v in position]
     ds.SliceThickness = _ds_number(spacing)
     ds.SpacingBetweenSlices = _ds_number(spacing)
@@ -240,10 +261,7 @@ def _make_slice(template: Dataset, base: np.ndarray, *, k: int, n: int, patient:
 
 def build_into(root: Path) -> Archive:
     """Write the whole sample archive into the empty directory ``root`` and return it (index not yet written)."""
-    templates = {}
-    for kind, name in _SOURCES.items():
-        ds = pydicom.dcmread(get_testdata_file(name))
-        templates[kind] = (ds, ds.pixel_array.copy())
+    templates = {kind: _load_template(name) for kind, name in _SOURCES.items()}
     collections, patients, studies, series_list, instances = [], [], [], [], []
     pk_series, pk_image = 1_000_000, 5_000_000
     for c_index, cspec in enumerate(SPEC):
@@ -261,14 +279,14 @@ def build_into(root: Path) -> Archive:
                 for r_index, rspec in enumerate(sspec.series):
                     series_uid = _uid("series", study_uid, r_index)
                     frame_uid = _uid("frame", series_uid)
-                    template, base = templates[rspec.kind]
+                    template = templates[rspec.kind]
                     folder = root / "dicom" / series_uid
                     folder.mkdir(parents=True)
                     pk_series += 1
                     members = []
                     for k in range(rspec.count):
                         sop_uid = _uid("sop", series_uid, k)
-                        ds = _make_slice(template, base, k=k, n=rspec.count, patient=pspec, study=sspec,
+                        ds = _make_slice(template, k=k, n=rspec.count, patient=pspec, study=sspec,
                                          study_uid=study_uid, series=rspec, series_uid=series_uid,
                                          frame_uid=frame_uid, sop_uid=sop_uid)
                         rel = f"dicom/{series_uid}/{k + 1:05d}.dcm"
