@@ -334,6 +334,8 @@ class InstanceStore:
         """
         queued = 0
         for node in nodes:
+            if not node.series_uid or not node.sop_uid:
+                continue  # not an instance: nothing to fetch
             key = self._key(node)
             with self._lock:
                 pool = self._pool

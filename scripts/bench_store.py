@@ -136,9 +136,10 @@ def main() -> None:
             warm_store.close()
             warm_client.close()
             if best:
+                warm_rate, local_rate = (total * args.warm_passes / t / 1e6 for t in (warm, local))
                 print(f"summary: cold sequential {baseline:.2f} s, best prefetch {best[0]:.2f} s "
-                      f"({best[1]} workers, {baseline / best[0]:.1f}x), warm {total * args.warm_passes / warm / 1e6:.0f} MB/s "
-                      f"vs local {total * args.warm_passes / local / 1e6:.0f} MB/s")
+                      f"({best[1]} workers, {baseline / best[0]:.1f}x), "
+                      f"warm {warm_rate:.0f} MB/s vs local {local_rate:.0f} MB/s")
 
 
 if __name__ == "__main__":

@@ -530,11 +530,12 @@ def test_prefetch_starts_after_the_opened_file_and_wraps_around(make_store, clie
     assert order == [series[i].sop_uid for i in (3, 4, 5, 0, 1)]
 
 
-def test_prefetch_skips_cached_instances(make_store, client):
+def test_prefetch_skips_cached_instances_and_directories(make_store, client):
     store = make_store()
     store.start()
     read_all(store, node(1))
-    assert store.prefetch([node(1)]) == 0
+    directory = Node("series", "/Coll-1/P1/s", ino=7, mtime=0.0, series_uid=SERIES)
+    assert store.prefetch([node(1), directory]) == 0
 
 
 def test_direct_open_joins_a_running_prefetch(make_store, client, waiters):
