@@ -150,8 +150,9 @@ class NbiaClient:
             if rows:
                 tokens.mark_verified(bearer)  # only a valid token sees rows
                 return rows
-            if tokens.is_verified(bearer):
-                return rows
+            # Every empty answer is checked: a token the server revoked a moment ago (logout
+            # elsewhere, a server restart) looks exactly like a valid one until it is probed, and an
+            # empty listing taken as truth would be cached. Empty answers are rare; a probe is cheap.
             tokens.mark_doubtful(bearer)
             if self._token_accepted(bearer):
                 tokens.mark_verified(bearer)
