@@ -37,6 +37,12 @@ DEFAULT_BLKSIZE = 1 << 20
 #: so it is kept shorter than the positive entry/attribute timeouts.
 DEFAULT_NEGATIVE_TIMEOUT = 60.0
 
+#: Upper bound on libfuse worker threads. Every open of an uncached file holds one for up to the client
+#: deadline, so this must comfortably exceed the store's download workers plus interactive listings.
+MAX_THREADS = 64
+#: Idle libfuse threads kept around (set explicitly: libfuse 3.14 warns about its own default).
+MAX_IDLE_THREADS = 16
+
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
 
@@ -292,6 +298,9 @@ def mount_options(kernel_timeout: float, negative_timeout: float = DEFAULT_NEGAT
         "attr_timeout": kernel_timeout,
         "negative_timeout": negative_timeout,
         "default_permissions": True,
+        # libfuse's multithreaded loop: enough threads that slow fetches never starve listings.
+        "max_threads": MAX_THREADS,
+        "max_idle_threads": MAX_IDLE_THREADS,
     }
 
 
