@@ -1,0 +1,77 @@
+"""``nbiafs emulator`` as a process: announces its URL, serves, obeys control endpoints, stops on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+
+from nbiafs.emulator.command import default_data_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _start(archive_dir: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "nbiafs", "emulator", "--port", "0", "--data", str(archive_dir),
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, **(env or {})})
+    line: list[str] = []
+    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(60)
+    if not line or not line[0].startswith("NBIA emulator serving "):
+        proc.kill()
+        proc.wait(10)
+        pytest.fail(f"no URL announced: {line!r} {proc.stderr.read()}")
+    return proc, line[0].split()[-1]
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_cli_announces_its_url_serves_and_exits_cleanly_on_sigterm(archive_dir: Path) -> None:
+    proc, url = _start(archive_dir)
+    try:
+        r = requests.get(url + "/nbia-api/services/v4/getCollectionValues", timeout=10)
+        assert r.status_code == 200 and {"Collection": "Edge-Cases"} in r.json()
+        assert requests.get(url + "/emulator/stats", timeout=10).json() == {"getCollectionValues": 1}
+        requests.post(url + "/emulator/faults", json={"endpoint": "getCollectionValues", "status": 503}, timeout=10)
+        assert requests.get(url + "/nbia-api/services/v4/getCollectionValues", timeout=10).status_code == 503
+    finally:
+        assert _stop(proc) == 0
+
+
+def test_cli_password_comes_from_the_environment_override(archive_dir: Path) -> None:
+    proc, url = _start(archive_dir, "--refuse-refresh", env={"NBIAFS_EMULATOR_PASSWORD": "s3cret-from-env"})
+    try:
+        form = {"username": "nbiafs_test", "client_id": "NBIA", "grant_type": "password"}
+        assert requests.post(url + "/nbia-api/oauth/token", data={**form, "password": "nbiafs-test-password"},
+                             timeout=10).status_code == 401
+        reply = requests.post(url + "/nbia-api/oauth/token", data={**form, "password": "s3cret-from-env"},
+                              timeout=10)
+        assert reply.status_code == 200
+        refresh = requests.post(url + "/nbia-api/oauth/token", timeout=10, data={
+            "client_id": "NBIA", "grant_type": "refresh_token", "refresh_token": reply.json()["refresh_token"]})
+        assert refresh.status_code == 401  # --refuse-refresh
+    finally:
+        assert _stop(proc) == 0
+
+
+def test_default_data_dir_is_under_the_user_data_dir() -> None:
+    path = default_data_dir()
+    assert path.name == "emulator-archive" and path.parent.name == "nbiafs"
