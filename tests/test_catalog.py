@@ -422,8 +422,10 @@ def test_offline_without_a_cached_listing_is_an_offline_error(fake, cache_dir, m
 
 # -- against the emulator, through the real client ---------------------------------------------------
 
-def test_real_client_tree_has_exact_sizes_one_request_per_level_and_none_after_remount(emulator, tmp_path):
+def test_real_client_tree_has_exact_sizes_one_request_per_level_and_none_after_remount(make_emulator, tmp_path):
     from nbiafs.client import NbiaClient
+
+    emulator = make_emulator()  # its own: the shared one's request counts belong to other tests
 
     namespace = f"{emulator.url}|nbia_guest"
     client = NbiaClient(emulator.url, retries=1, backoff=0.01, deadline=20)
