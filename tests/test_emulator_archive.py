@@ -173,3 +173,17 @@ def test_dcm2niix_turns_each_stack_into_a_volume_with_the_right_slice_count(arch
         dims = np.frombuffer(header[40:56], dtype="<i2")
         nib_header_depth = int(dims[3])
         assert dims[0] == 3 and nib_header_depth == series.image_count
+
+
+def test_archive_of_an_older_format_is_rebuilt_in_place(tmp_path: Path) -> None:
+    import json
+
+    arch = ensure_archive(tmp_path / "arch")
+    index = json.loads((arch.root / "index.json").read_text())
+    index["format"] = 0
+    (arch.root / "index.json").write_text(json.dumps(index))
+    (arch.root / "stale.txt").write_text("left by the old format")
+    again = ensure_archive(tmp_path / "arch")
+    assert not (again.root / "stale.txt").exists()
+    assert json.loads((again.root / "index.json").read_text())["format"] != 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["arch"]  # no temp or old folder left behind

@@ -75,3 +75,16 @@ def test_cli_password_comes_from_the_environment_override(archive_dir: Path) -> 
 def test_default_data_dir_is_under_the_user_data_dir() -> None:
     path = default_data_dir()
     assert path.name == "emulator-archive" and path.parent.name == "nbiafs"
+
+
+def test_cli_reports_a_busy_port_clearly(archive_dir: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "nbiafs", "emulator", "--port", str(port), "--data",
+                               str(archive_dir)], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 1
+    assert "cannot listen on 127.0.0.1:" in done.stderr and "Traceback" not in done.stderr

@@ -478,3 +478,39 @@ def test_stop_closes_idle_keep_alive_connections_and_joins_threads(make_emulator
     assert set(threading.enumerate()) - before == set()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", emu.port), timeout=2).close()
+
+
+def test_latency_is_added_to_every_request(make_emulator) -> None:
+    import time
+
+    emu = make_emulator(latency=0.3)
+    started = time.monotonic()
+    requests.get(f"{api(emu)}/services/v4/getCollectionValues", timeout=TIMEOUT)
+    assert time.monotonic() - started >= 0.3
+
+
+def test_stop_does_not_wait_for_an_injected_delay(make_emulator) -> None:
+    import time
+
+    emu = make_emulator()
+    emu.inject_fault("getCollectionValues", delay=60.0)
+    errors: list[BaseException] = []
+    arrived = threading.Event()
+
+    def call() -> None:
+        try:
+            requests.get(f"{api(emu)}/services/v4/getCollectionValues", timeout=TIMEOUT)
+        except requests.RequestException as exc:
+            errors.append(exc)
+        finally:
+            arrived.set()
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    deadline = time.monotonic() + 10
+    while emu.stats()["getCollectionValues"] == 0 and time.monotonic() < deadline:
+        threading.Event().wait(0.01)  # poll the counter: the request has reached the server
+    started = time.monotonic()
+    emu.stop()
+    assert arrived.wait(10) and time.monotonic() - started < 10
+    caller.join(10)

@@ -290,7 +290,10 @@ def _build(root: Path, build_into: Any, *, replace: bool) -> Archive:
             os.replace(root, old / "a")
             shutil.rmtree(old, ignore_errors=True)
         elif root.exists():
-            root.rmdir()  # empty directory (checked by the caller); fails if someone filled it meanwhile
+            try:
+                root.rmdir()  # the empty directory checked by the caller
+            except OSError:
+                pass  # filled (or removed) meanwhile by a concurrent build: the rename below decides
         try:
             os.rename(tmp, root)
         except OSError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -33,7 +34,12 @@ def run_emulator(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        emu.start()
+        try:
+            emu.start()
+        except OSError as exc:
+            print(f"nbiafs emulator: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 1
         print(f"NBIA emulator serving {emu.url}", flush=True)
         while not done.wait(1.0):
             pass
