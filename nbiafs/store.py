@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import io
 import itertools
 import json
 import logging
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import cachetools
 import diskcache
+import pydicom
 
 from .errors import ConfigError, IntegrityError, NbiaError, OfflineError, ServerError
 
@@ -65,6 +67,26 @@ SERIES_MEMORY_SIZE = 10_000
 TOUCH_INTERVAL = 60.0
 #: Recently opened entries remembered for the fast open path (value file path, time, verified length).
 RECENT_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """An instance known only by its UIDs (size 0 = unknown), for :meth:`InstanceStore.probe`."""
+
+    series_uid: str
+    sop_uid: str
+    size: int = 0
+
+
+def _instance_number(stream: BinaryIO, sop_uid: str) -> int | None:
+    """InstanceNumber from a DICOM header, or None when absent or unreadable (logged)."""
+    try:
+        ds = pydicom.dcmread(stream, stop_before_pixels=True, specific_tags=["InstanceNumber"], force=True)
+        value = ds.get("InstanceNumber")
+        return int(value) if value not in (None, "") else None
+    except Exception as exc:  # a malformed header must not hide the file: it sorts last
+        log.info("no InstanceNumber in %s: %s", sop_uid, exc)
+        return None
 
 
 class InstanceRef(Protocol):
@@ -324,6 +346,26 @@ class InstanceStore:
         if h is None:
             raise OSError(errno.EBADF, f"unknown instance handle {handle}")
         h.close()
+
+    def probe(self, series_uid: str, sop_uid: str) -> tuple[int, int | None]:
+        """Exact size and InstanceNumber of an instance the drill-down API could not describe.
+
+        The catalog's fallback (no advanced API): sizes are learned by fetching, never guessed. The
+        instance is fetched once (single flight, shared with opens), kept in the cache, and its header
+        parsed for InstanceNumber; a later open of the file is then a cache hit.
+        """
+        ref = _Ref(series_uid=series_uid, sop_uid=sop_uid, size=0)
+        key = self._key(ref)
+        self._check_open()
+        file = self._cached_file(key, ref)
+        if file is None:
+            if self._offline:
+                raise OfflineError(f"{sop_uid} is not in the cache (offline mode)")
+            data = self._fetch_shared(key, ref)
+            return len(data), _instance_number(io.BytesIO(data), sop_uid)
+        with file:
+            size = os.fstat(file.fileno()).st_size
+            return size, _instance_number(file, sop_uid)
 
     # ----------------------------------------------------------------- prefetch
 

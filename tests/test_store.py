@@ -605,3 +605,39 @@ def test_prefetch_before_start_does_nothing(make_store, client):
     assert store.prefetch([node(1)]) == 0
     assert store.on_open(node(1), [node(1), node(2)]) == 0
     assert client.total_calls() == 0
+
+
+# -- probe: sizes learned by fetching when the drill-down is unavailable ---------------------------
+
+def _dicom_bytes(instance_number: int) -> bytes:
+    import io as _io
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.InstanceNumber = instance_number
+    buf = _io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def test_probe_fetches_once_caches_and_reads_the_instance_number(tmp_path):
+    from nbiafs.store import InstanceStore
+
+    class OneFile:
+        deadline = 5.0
+
+        def __init__(self):
+            self.calls = 0
+            self.data = _dicom_bytes(42)
+
+        def single_image(self, series_uid, sop_uid, expected_size=None):
+            self.calls += 1
+            return self.data
+
+    client = OneFile()
+    with InstanceStore(client, tmp_path, size_limit=10**8, namespace="ns") as store:
+        assert store.probe("1.2", "1.2.3") == (len(client.data), 42)
+        assert store.probe("1.2", "1.2.3") == (len(client.data), 42)  # from the cache now
+        assert client.calls == 1
