@@ -1,6 +1,6 @@
 """An NBIA-compatible HTTP server with a deterministic sample archive (tests, benchmarks, ``nbiafs demo``).
 
-It behaves as docs in ``nbia-api.md`` say the real server does, quirks included. Public surface:
+It behaves as ``/work/shared/nbia-api.md`` says the real server does, quirks included. Public surface:
 ``ensure_archive``, ``Archive`` and ``Emulator`` (plus the account constants).
 """
 

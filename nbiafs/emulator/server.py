@@ -260,8 +260,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _params(self, method: str) -> dict[str, list[str]]:
         query = urlsplit(self.path).query
         params = parse_qs(query, keep_blank_values=True)
+        body = self._read_body()  # always drained, or the next request on this connection would be garbled
         if method == "POST":
-            body = self._read_body()
             ctype = self.headers.get("Content-Type", "")
             if body and "json" not in ctype:
                 for key, values in parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items():
