@@ -388,36 +388,49 @@ def _demo_foreground(args: argparse.Namespace, mp: str, data_dir: Path) -> int:
 
 
 def demo_guide(mp: str) -> str:
-    """What is mounted, an example series, how to read it and how to unmount."""
-    lines = [f"The sample archive is mounted on {mp} (read-only, fetched on demand, cached on disk).", ""]
-    lines.append(f"$ ls {mp}")
-    top = sorted(os.listdir(mp))
-    lines.append("  ".join(top))
-    series_dir = _first_series(mp)
+    """What is mounted (first levels), an example series, how to read it and how to unmount."""
+    lines = [f"nbiafs demo: the sample archive is mounted on {mp}",
+             "(read-only; listings and files are fetched from the bundled emulator on demand and cached on disk)",
+             "", f"$ ls {mp}/*"]
+    for coll in sorted(os.listdir(mp)):
+        lines.append(f"{coll}:  " + "  ".join(sorted(os.listdir(os.path.join(mp, coll)))))
+    series_dir = _example_series(mp)
     if series_dir is not None:
         files = sorted(os.listdir(series_dir))
-        lines += ["", f"$ ls -l '{series_dir}' | head -4", f"total {len(files)} files"]
-        for name in files[:3]:
-            st = os.stat(os.path.join(series_dir, name))
-            lines.append(f"-r--r--r-- 1 {st.st_size:>9} {name}")
+        lines += ["", f"$ ls -l '{series_dir}' | head -4"]
+        lines += _ls_l(series_dir)[:4]
+        lines.append(f"... ({len(files)} files)")
         if files:
             example = os.path.join(series_dir, files[0])
             lines += ["", "Read a file with pydicom:",
                       f"$ python -c \"import pydicom; ds = pydicom.dcmread('{example}'); "
-                      "print(ds.Modality, ds.PatientID, ds.Rows, ds.Columns)\""]
-    lines += ["", f"Convert a series:   dcm2niix -o /tmp '<series folder>'",
-              f"Unmount (stops the emulator too):   nbiafs unmount {mp}"]
+                      "print(ds.Modality, ds.PatientID, ds.Rows, ds.Columns)\"",
+                      "", "Convert the whole series to NIfTI:",
+                      f"$ dcm2niix -o /tmp '{series_dir}'"]
+    lines += ["", "Unmount (this also stops the emulator):", f"$ nbiafs unmount {mp}"]
     return "\n".join(lines)
 
 
-def _first_series(mp: str) -> str | None:
-    path = mp
-    for _ in range(4):  # collection / patient / study / series
-        try:
-            names = sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n)))
-        except OSError:
-            return None
-        if not names:
-            return None
-        path = os.path.join(path, names[0])
-    return path
+def _ls_l(path: str) -> list[str]:
+    try:
+        done = subprocess.run(["ls", "-l", path], capture_output=True, text=True, timeout=30)
+        return done.stdout.splitlines()
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+
+
+def _example_series(mp: str) -> str | None:
+    """The series with the most files among the first collection's first few patients."""
+    best: tuple[int, str] | None = None
+    try:
+        coll = os.path.join(mp, sorted(os.listdir(mp))[0])
+        for patient in sorted(os.listdir(coll))[:3]:
+            for study in sorted(os.listdir(os.path.join(coll, patient))):
+                for series in sorted(os.listdir(os.path.join(coll, patient, study))):
+                    path = os.path.join(coll, patient, study, series)
+                    count = len(os.listdir(path))
+                    if best is None or count > best[0]:
+                        best = (count, path)
+    except (OSError, IndexError):
+        return best[1] if best else None
+    return best[1] if best else None
