@@ -45,6 +45,8 @@ ENV_KNOBS = {
 PASSWORD_ENV = "NBIA_PASSWORD"
 #: How long ``unmount`` waits for the mount process to exit after the kernel let go of the mount.
 UNMOUNT_EXIT_TIMEOUT = 30.0
+#: With --lazy, how long unmount waits for the process before returning anyway (the mount may be busy).
+LAZY_EXIT_WAIT = 2.0
 
 
 class MountError(NbiaError):
@@ -308,9 +310,13 @@ def unmount(args: argparse.Namespace) -> int:
         raise MountError(f"{mp} is not an nbiafs mount ({entry[1] or entry[0]}); not touching it")
     pids = daemon.mount_processes(mp)
     unmount_path(mp, lazy=args.lazy)
-    slow = [pid for pid in pids if not daemon.wait_for_exit(pid, UNMOUNT_EXIT_TIMEOUT)]
+    # A lazy unmount of a busy mount ends only when its last user lets go: do not wait for that.
+    timeout = LAZY_EXIT_WAIT if args.lazy else UNMOUNT_EXIT_TIMEOUT
+    slow = [pid for pid in pids if not daemon.wait_for_exit(pid, timeout)]
     if slow and not args.lazy:
         raise MountError(f"unmounted {mp}, but its process {slow[0]} is still running")
+    if slow:
+        print(f"nbiafs: detached {mp}; it goes away when the programs using it let go", file=sys.stderr)
     return 0
 
 
