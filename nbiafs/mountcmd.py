@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -29,7 +30,7 @@ from typing import Any
 import platformdirs
 
 from . import daemon
-from .config import GUEST_USER, Settings, default_cache_dir, parse_size, resolve_server
+from .config import GUEST_USER, Settings, default_cache_dir, parse_size
 from .errors import ConfigError, NbiaError
 
 log = logging.getLogger(__name__)
@@ -111,9 +112,7 @@ def check_mountpoint(path: str) -> str:
         raise ConfigError(f"mount point {mp} does not exist (create it with: mkdir -p {mp})") from None
     except OSError as exc:
         raise MountError(f"cannot use mount point {mp}: {exc.strerror}") from None
-    import stat as stat_mod
-
-    if not stat_mod.S_ISDIR(st.st_mode):
+    if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"mount point {mp} is not a directory")
     return mp
 
