@@ -287,10 +287,12 @@ def build_layers(settings: Settings, password: str, *, api: str = "v2",
     if hasattr(meta, "close"):
         stack.callback(meta.close)
     store = InstanceStore(client, settings.cache_dir, size_limit=settings.cache_size, namespace=namespace,
-                          offline=settings.offline, workers=settings.workers)
+                          offline=settings.offline, workers=settings.workers,
+                          wait_timeout=settings.deadline + 15.0)
     stack.callback(store.close)
+    # Without the advanced API (drill-down refused), exact sizes are learned by fetching: store.probe.
     catalog = Catalog(client, meta, layout=settings.layout, offline=settings.offline,
-                      use_drilldown=settings.use_drilldown)
+                      use_drilldown=settings.use_drilldown, probe=store.probe)
     return tokens, client, catalog, store
 
 
