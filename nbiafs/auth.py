@@ -27,7 +27,7 @@ import requests
 
 from .config import CLIENT_ID, GUEST_USER
 from .errors import AuthError, NbiaError, ProtocolError, ServerError
-from .http import TRANSIENT_EXCEPTIONS, USER_AGENT
+from .http import TRANSIENT_EXCEPTIONS, USER_AGENT, describe_failure
 from .records import Token
 
 log = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ class TokenManager:
             try:
                 response = self._session.post(self.token_url, data=form, timeout=self._timeout)
             except TRANSIENT_EXCEPTIONS as exc:
-                last = ServerError(f"token request ({grant}) to {self.base_url} failed: {type(exc).__name__}")
+                last = ServerError(f"token request ({grant}) to {self.base_url} failed: {describe_failure(exc)}")
                 log.debug("POST oauth/token (%s) -> %s", grant, type(exc).__name__)
                 continue
             except requests.RequestException as exc:

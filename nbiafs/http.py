@@ -265,4 +265,21 @@ def _transport_failure(what: str, exc: BaseException) -> NbiaError:
         return ProtocolError(f"{what}: the answer was cut short or corrupt")
     if isinstance(exc, requests.Timeout):
         return ServerError(f"{what}: the request timed out")
-    return ServerError(f"{what}: could not connect to the server (connection failed or reset)")
+    return ServerError(f"{what}: {describe_failure(exc)}")
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A short human reason for a failed transfer (no URL parameters, no headers: no secrets)."""
+    if isinstance(exc, requests.Timeout):
+        return "the request timed out"
+    text = repr(exc)
+    if any(s in text for s in ("NameResolution", "Name or service not known", "name resolution",
+                               "nodename nor servname")):
+        return "cannot resolve the server's host name (no network, or a wrong --server?)"
+    if "Connection refused" in text or "ConnectionRefused" in text:
+        return "connection refused (is the server running on that port?)"
+    if "SSLError" in text or isinstance(exc, requests.exceptions.SSLError):
+        return "TLS/SSL handshake failed"
+    if "reset" in text.lower():
+        return "the connection was reset"
+    return "could not connect to the server (connection failed or reset)"
