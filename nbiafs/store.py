@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 #: Entries evicted per write once the cache is over its bound. Instances are 0.1-1 MB, so ten per write
 #: keeps the cache within a few MB of its limit without long pauses in the writing thread.
 CULL_LIMIT = 10
+#: SQLite's write-ahead log is checkpointed every this many pages and cut back to WAL_LIMIT bytes after:
+#: left to its defaults it grows to ~4 MB (1000 pages) and stays that big, beyond any --cache-size.
+WAL_CHECKPOINT_PAGES = 64
+WAL_LIMIT = 256 * 1024
 #: Seconds a waiting opener allows on top of the client's own deadline before it gives up (the leader's
 #: fetch is itself bounded by that deadline; the margin covers writing the value to the cache).
 WAIT_MARGIN = 15.0
@@ -259,6 +263,8 @@ class InstanceStore:
                 cull_limit=CULL_LIMIT,
                 disk_min_file_size=0,
                 statistics=False,
+                sqlite_wal_autocheckpoint=WAL_CHECKPOINT_PAGES,
+                sqlite_journal_size_limit=WAL_LIMIT,
             )
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"cannot use the cache directory {self.directory}: {exc}") from exc
