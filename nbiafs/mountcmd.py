@@ -103,6 +103,9 @@ def check_mountpoint(path: str) -> str:
     """The absolute mount point; ConfigError/MountError when it cannot be mounted on."""
     mp = os.path.abspath(os.path.expanduser(path))
     entry = daemon.mount_entry(mp)
+    if entry is not None and daemon.is_nbiafs_mount(entry) and is_stale(mp):
+        raise MountError(f"{mp} is a stale nbiafs mount (its process is gone); "
+                         f"clean it up first (nbiafs unmount {mp})")
     if entry is not None:
         raise MountError(f"{mp} is already a mount point ({entry[1] or entry[0]}); "
                          f"unmount it first (nbiafs unmount {mp})")
@@ -115,6 +118,14 @@ def check_mountpoint(path: str) -> str:
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"mount point {mp} is not a directory")
     return mp
+
+
+def is_stale(mp: str) -> bool:
+    """True when no nbiafs process serves the mount on ``mp`` (it died, e.g. kill -9).
+
+    Decided from /proc only: a stat of the mount point could block on a live but busy mount.
+    """
+    return not daemon.mount_processes(mp)
 
 
 def check_fuse() -> None:
@@ -311,6 +322,9 @@ def unmount(args: argparse.Namespace) -> int:
         raise MountError(f"{mp} is not an nbiafs mount ({entry[1] or entry[0]}); not touching it")
     pids = daemon.mount_processes(mp)
     unmount_path(mp, lazy=args.lazy)
+    if not pids:
+        print(f"nbiafs: cleaned up the stale mount on {mp} (its process was gone)", file=sys.stderr)
+        return 0
     # A lazy unmount of a busy mount ends only when its last user lets go: do not wait for that.
     timeout = LAZY_EXIT_WAIT if args.lazy else UNMOUNT_EXIT_TIMEOUT
     slow = [pid for pid in pids if not daemon.wait_for_exit(pid, timeout)]
