@@ -356,23 +356,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="repeat each measurement N times, print the median")
     parser.add_argument("--workers", type=int, default=8, help="mount --workers (default 8, the mount's default)")
     parser.add_argument("--data", default=None, help="emulator archive dir (default: a temporary one)")
-    parser.add_argument("--emulator-nagle", action="store_true",
-                        help="leave Nagle's algorithm on in the emulator (see below): ~40 ms more per request")
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     logging.basicConfig(level=logging.WARNING)
-    if not args.emulator_nagle:
-        # The emulator's handler writes the headers and the body in two sends without TCP_NODELAY:
-        # Nagle holds the body until the client's delayed ACK (~40 ms) of the headers, so every request
-        # costs ~40 ms more than --latency says. The stdlib switch turns Nagle off for its connections.
-        from nbiafs.emulator import server as emulator_server
-
-        emulator_server._Handler.disable_nagle_algorithm = True
-
     print(f"nbiafs mount benchmark: {os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
-          f"{time.strftime('%Y-%m-%d %H:%M')}, workers {args.workers}, "
-          f"emulator Nagle {'on (as shipped)' if args.emulator_nagle else 'off (TCP_NODELAY)'}")
+          f"{time.strftime('%Y-%m-%d %H:%M')}, workers {args.workers}")
     with tempfile.TemporaryDirectory(prefix="bench-mount-") as tmp_name:
         tmp = Path(tmp_name)
         data = Path(args.data) if args.data else tmp / "archive"

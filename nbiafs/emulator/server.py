@@ -232,6 +232,10 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "NBIA-emulator"
     timeout = 120  # an idle keep-alive connection is closed after two minutes
+    # Headers and body go out as separate writes; with Nagle on, the body waits for the client's
+    # delayed ACK of the headers (~40 ms a request), which would make the emulator far slower than
+    # its --latency says and hide the mount's own costs in every test and benchmark.
+    disable_nagle_algorithm = True
     server: _Server
 
     # ---- plumbing ------------------------------------------------------------------------------
