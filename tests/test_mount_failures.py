@@ -1,5 +1,7 @@
 """Through a real mount: the failures a demanding user tries (stalls, no drill-down, tiny cache, kill -9,
-two accounts on one cache, dying tokens, hostile mount point paths)."""
+two accounts on one cache, dying tokens, hostile mount point paths).
+
+Every test that fetches uses its own emulator: the session one's request counts belong to other tests."""
 
 from __future__ import annotations
 
@@ -146,8 +148,8 @@ def _du(path: Path) -> int:
 
 
 def test_a_one_megabyte_cache_reads_a_four_megabyte_series_right_and_stays_near_its_bound(
-        emulator, archive, mounter) -> None:
-    m = mounter(emulator, extra=("--cache-size", "1M"))
+        make_emulator, archive, mounter) -> None:
+    m = mounter(make_emulator(), extra=("--cache-size", "1M"))
     series = series_of_count(m.path, BIG_COLLECTION, BIG_PATIENT, BIG_COUNT)
     names = sorted(os.listdir(series))
     truth = archive_instances(archive, series)
@@ -256,10 +258,11 @@ def test_refused_refreshes_fall_back_to_password_logins_during_a_long_read(
 
 # ---------------------------------------------------------------------------------- 7. hostile path
 def test_a_mount_point_with_spaces_backslash_and_non_ascii_mounts_and_unmounts(
-        emulator, archive, tmp_path) -> None:
+        make_emulator, archive, tmp_path) -> None:
     from conftest import require_fuse
 
     require_fuse()
+    emulator = make_emulator()
     mp = tmp_path / "my scans \\ ÄÖ 日本 é"
     mp.mkdir()
     pids: list[int] = []
