@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import requests
+import urllib3
 
 from . import __version__
 from .errors import (
@@ -49,6 +50,42 @@ TRANSIENT_EXCEPTIONS: tuple[type[BaseException], ...] = (
     requests.exceptions.ChunkedEncodingError,
     requests.exceptions.ContentDecodingError,
 )
+
+
+#: Bytes asked of the socket per read while a body arrives (the deadline is checked between reads).
+BODY_CHUNK = 256 * 1024
+
+
+class BodyDeadlineError(Exception):
+    """The body of an answer was still arriving when the call's deadline passed."""
+
+
+def read_body_before(response: requests.Response, deadline: float, clock: Callable[[], float]) -> None:
+    """Read ``response``'s whole body into it, giving up once ``deadline`` (on ``clock``) has passed.
+
+    requests' own timeout bounds each wait for data, not the whole transfer: a server that sends a few
+    bytes just under every read timeout could hold a reader for hours. ``read1`` returns as soon as
+    some data is there, so the deadline is checked at least once per read timeout.
+    """
+    raw = response.raw
+    chunks: list[bytes] = []
+    try:
+        while True:
+            if clock() > deadline:
+                response.close()
+                raise BodyDeadlineError()
+            chunk = raw.read1(BODY_CHUNK, decode_content=True)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except urllib3.exceptions.ReadTimeoutError as exc:
+        response.close()
+        raise requests.exceptions.ReadTimeout(str(exc)) from None
+    except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError, OSError) as exc:
+        response.close()
+        raise requests.exceptions.ChunkedEncodingError(str(exc)) from None
+    response._content = b"".join(chunks)  # what requests itself stores once a body is read
+    response._content_consumed = True
 
 
 class Retryable(Exception):
@@ -183,7 +220,12 @@ class Transport:
             failure: NbiaError
             try:
                 response = self.session.request(method, url, params=params, data=data, headers=headers,
-                                                timeout=timeout, stream=stream)
+                                                timeout=timeout, stream=True)
+                if not stream:
+                    read_body_before(response, deadline, self.clock)
+            except BodyDeadlineError:
+                raise ServerError(f"{what}: the answer was still arriving at the {policy.deadline:g} s "
+                                  "deadline (a server sending too slowly)") from None
             except TRANSIENT_EXCEPTIONS as exc:
                 log.debug("%s %s params=%s data=%s -> %s after %.0f ms", method, endpoint, params,
                           _summarise(data), type(exc).__name__, (self.clock() - started) * 1000)

@@ -461,6 +461,58 @@ def test_single_image_always_cut_short_is_a_protocol_error():
         server.close()
 
 
+class DripServer:
+    """A real HTTP server that announces a body and then sends it one byte every few milliseconds."""
+
+    def __init__(self) -> None:
+        import http.server
+
+        self.stop = threading.Event()
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", "100000")
+                self.end_headers()
+                try:
+                    while not owner.stop.wait(0.005):  # each byte well within the read timeout
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                except OSError:
+                    pass  # the client gave up and closed the connection
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
+
+
+def test_a_server_dripping_bytes_cannot_hold_a_read_past_the_deadline():
+    import time
+
+    server = DripServer()
+    try:
+        client = NbiaClient(server.url, api="v4", retries=0, deadline=0.5, timeout=(1, 1))
+        started = time.monotonic()
+        with pytest.raises(ServerError, match="deadline"):
+            client.single_image("1.2", "9.1")
+        assert time.monotonic() - started < 5  # the read timeout alone would never end it
+        client.close()
+    finally:
+        server.close()
+
+
 # -- getImage zip ----------------------------------------------------------------------------
 
 def read_zip(client: NbiaClient, **kw) -> dict[str, bytes]:
