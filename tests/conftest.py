@@ -47,14 +47,28 @@ def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 
     return True
 
 
+def on_ci() -> bool:
+    """True under CI (CI=true), where a missing prerequisite is a failure, never a skip."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def _missing(message: str) -> None:
+    if on_ci():
+        pytest.fail(message + " (CI=true: a missing prerequisite is a failure, not a skip)")
+    pytest.skip(message)
+
+
 def require_fuse() -> None:
     missing = [what for what, ok in (("/dev/fuse", os.path.exists("/dev/fuse")),
                                      ("fusermount3", shutil.which("fusermount3") is not None)) if not ok]
     if missing:
-        message = f"FUSE is not usable here: missing {', '.join(missing)}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message + " (CI=true: a missing FUSE is a failure)")
-        pytest.skip(message)
+        _missing(f"FUSE is not usable here: missing {', '.join(missing)}")
+
+
+def require_tool(tool: str, package: str) -> None:
+    """Skip (fail on CI) when the program ``tool`` (from apt package ``package``) is not installed."""
+    if shutil.which(tool) is None:
+        _missing(f"{tool} is not installed (apt install {package})")
 
 
 def nbiafs_cli(*args: str, env: dict[str, str] | None = None, timeout: float = CLI_TIMEOUT,

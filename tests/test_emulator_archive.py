@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import require_tool
 
 from nbiafs.emulator import Archive, ensure_archive
 from nbiafs.emulator import samples
@@ -144,7 +145,7 @@ def test_slices_step_along_the_normal_and_differ_in_pixels(archive: Archive) -> 
 
 
 def test_simpleitk_reads_the_120_slice_series_as_one_volume(archive: Archive) -> None:
-    sitk = pytest.importorskip("SimpleITK")
+    import SimpleITK as sitk  # a test dependency: missing is an error, not a skip
     big = max(archive.series, key=lambda s: s.image_count)
     folder = str(archive.instances_of(big.uid)[0].path.parent)
     reader = sitk.ImageSeriesReader()
@@ -156,9 +157,9 @@ def test_simpleitk_reads_the_120_slice_series_as_one_volume(archive: Archive) ->
     assert image.GetSpacing()[2] == pytest.approx(5.0, abs=1e-3)
 
 
-@pytest.mark.skipif(shutil.which("dcm2niix") is None, reason="dcm2niix is not installed")
 def test_dcm2niix_turns_each_stack_into_a_volume_with_the_right_slice_count(archive: Archive,
                                                                           tmp_path: Path) -> None:
+    require_tool("dcm2niix", "dcm2niix")
     for series in (max(archive.series, key=lambda s: s.image_count),
                    next(s for s in archive.series if s.modality == "MR" and s.image_count == 12)):
         out = tmp_path / series.uid

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import require_tool
 
 pytestmark = pytest.mark.fuse
 
@@ -56,16 +57,16 @@ def test_pydicom_reads_every_file(mounted: Path) -> None:
     assert count > 150
 
 
-@pytest.mark.skipif(shutil.which("dcmdump") is None, reason="dcmtk not installed")
 def test_dcmdump_reads_a_file(mounted: Path) -> None:
+    require_tool("dcmdump", "dcmtk")
     series = big_series(mounted)
     done = subprocess.run(["dcmdump", str(series / "1-001.dcm")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "SOPInstanceUID" in done.stdout and "PixelData" in done.stdout
 
 
-@pytest.mark.skipif(shutil.which("dcm2niix") is None, reason="dcm2niix not installed")
 def test_dcm2niix_converts_the_120_slice_series(mounted: Path, tmp_path: Path) -> None:
+    require_tool("dcm2niix", "dcm2niix")
     import SimpleITK as sitk
 
     series = big_series(mounted)
