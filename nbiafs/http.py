@@ -81,7 +81,7 @@ def read_body_before(response: requests.Response, deadline: float, clock: Callab
     except urllib3.exceptions.ReadTimeoutError as exc:
         response.close()
         raise requests.exceptions.ReadTimeout(str(exc)) from None
-    except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError, OSError) as exc:
+    except (urllib3.exceptions.HTTPError, OSError) as exc:  # cut short, undecodable, TLS failure mid-body
         response.close()
         raise requests.exceptions.ChunkedEncodingError(str(exc)) from None
     response._content = b"".join(chunks)  # what requests itself stores once a body is read

@@ -513,6 +513,52 @@ def test_a_server_dripping_bytes_cannot_hold_a_read_past_the_deadline():
         server.close()
 
 
+class MidBodyFailureAdapter(requests.adapters.BaseAdapter):
+    """Answers 200 and then fails while the body is read, with the urllib3 exception given."""
+
+    def __init__(self, exc: Exception) -> None:
+        super().__init__()
+        self.exc = exc
+        self.sends = 0
+
+    def send(self, request, **kwargs):
+        self.sends += 1
+        exc = self.exc
+
+        class Raw:
+            def read1(self, *args, **kw):
+                raise exc
+
+            def read(self, *args, **kw):
+                raise exc
+
+            def close(self) -> None:
+                pass
+
+        response = requests.Response()
+        response.status_code = 200
+        response.raw = Raw()
+        response.url = request.url
+        response.request = request
+        return response
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_tls_failure_in_the_middle_of_a_body_is_retried_as_a_transfer_failure():
+    import urllib3
+
+    adapter = MidBodyFailureAdapter(urllib3.exceptions.SSLError("decryption failed or bad record mac"))
+    session = requests.Session()
+    session.mount("http://", adapter)
+    client = NbiaClient(BASE, api="v4", session=session, retries=2, backoff=0.001, deadline=10)
+    with pytest.raises((ProtocolError, ServerError), match="9.1"):
+        client.single_image("1.2", "9.1")
+    assert adapter.sends == 3
+    client.close()
+
+
 # -- getImage zip ----------------------------------------------------------------------------
 
 def read_zip(client: NbiaClient, **kw) -> dict[str, bytes]:
