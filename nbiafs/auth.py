@@ -93,6 +93,8 @@ class TokenManager:
         self._changed = threading.Condition(self._lock)  # token replaced or login finished
         self._token: Token | None = None
         self._in_flight = False
+        self._finished = 0  # renewals finished, failed or not: waiters learn whether theirs failed
+        self._failure: NbiaError | None = None  # why the last finished renewal failed (None: it worked)
         self._renewals = 0  # count of tokens issued (for tests and logs)
         self._verified_token: str | None = None
         self._verified_at = 0.0
@@ -113,24 +115,28 @@ class TokenManager:
     def get_token(self) -> str:
         """A valid access token by this manager's clock; logs in (or renews) when needed."""
         with self._changed:
+            failure: NbiaError | None = None
             while True:
                 token = self._token
                 if token is not None and self._fresh(token):
                     return token.access_token
+                if failure is not None:
+                    raise failure
                 if not self._in_flight:
                     self._in_flight = True
                     break
-                self._wait_for_login()
+                failure = self._wait_for_login()
         return self._renew_in_flight(token, reason="no valid token").access_token
 
     def handle_unauthorized(self, failed_token: str) -> str:
         """After a 401 with ``failed_token``: renew once (unless someone already did); the new token."""
         with self._changed:
-            while self._in_flight:
-                self._wait_for_login()
+            failure = self._wait_for_login() if self._in_flight else None
             token = self._token
             if token is not None and token.access_token != failed_token and self._fresh(token):
                 return token.access_token
+            if failure is not None:
+                raise failure
             self._in_flight = True
         return self._renew_in_flight(token, reason="the server answered 401").access_token
 
@@ -220,22 +226,39 @@ class TokenManager:
         skew = min(5.0, EXPIRY_SKEW_FRACTION * lifetime)
         return self._clock() < token.expires_at - skew
 
-    def _wait_for_login(self) -> None:
-        """Wait (lock held) for the login in flight; AuthError if it takes longer than a request may."""
+    def _wait_for_login(self) -> NbiaError | None:
+        """Wait (lock held) for the renewal in flight; a copy of its error if it failed, else None.
+
+        A waiter whose renewal failed raises that error instead of starting a renewal of its own:
+        otherwise, with the server down, N waiting threads would run N full logins one after the
+        other. AuthError if the renewal takes longer than a request may.
+        """
         limit = self._timeout[0] + self._timeout[1]
         limit = limit * LOGIN_ATTEMPTS + 5
+        waited_for = self._finished
         if not self._changed.wait_for(lambda: not self._in_flight, timeout=limit):
             raise AuthError(f"timed out after {limit:g} s waiting for another thread's login")
+        failure = self._failure
+        if self._finished != waited_for and failure is not None:
+            return type(failure)(str(failure))  # a copy: each thread raises its own
+        return None
 
     def _renew_in_flight(self, old: Token | None, reason: str) -> Token:
         """Obtain a new token; the caller has set ``_in_flight``. Clears it and wakes the waiters."""
         new: Token | None = None
+        failure: NbiaError | None = None
         try:
             new = self._obtain(old, reason)
             return new
+        except NbiaError as exc:
+            failure = exc
+            raise
         finally:
             with self._changed:
                 self._in_flight = False
+                self._finished += 1
+                self._failure = None if new is not None else (
+                    failure or ServerError("the token renewal was interrupted"))
                 if new is not None:
                     self._token = new
                     self._renewals += 1

@@ -207,6 +207,89 @@ def test_concurrent_first_logins_share_one_request(rsps):
     assert server.grants == ["password"]
 
 
+def _wait_until(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def test_threads_waiting_on_a_failing_login_share_its_failure_instead_of_each_retrying(rsps, monkeypatch):
+    # With the server down, every waiting thread used to start its own full login after the one it
+    # waited for failed: N threads -> N logins in a row, the last reader waiting N times as long.
+    monkeypatch.setattr("nbiafs.auth.LOGIN_ATTEMPTS", 1)
+    posts: list[int] = []
+    release = threading.Event()
+
+    def down(request):
+        posts.append(1)
+        release.wait(10)
+        return 503, {}, "down"
+
+    rsps.add_callback(responses.POST, TOKEN_URL, callback=down)
+    tm = TokenManager(BASE)
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        try:
+            tm.get_token()
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            with lock:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    assert _wait_until(lambda: len(posts) == 1 and len(tm._changed._waiters) == 7)
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert len(errors) == 8 and all(isinstance(e, ServerError) for e in errors)
+    assert len(posts) == 1
+    # and the next caller, later, tries again
+    rsps.replace(responses.POST, TOKEN_URL, json={"access_token": "up", "expires_in": 7200})
+    assert tm.get_token() == "up"
+
+
+def test_threads_waiting_after_a_401_share_a_failed_renewal(rsps, monkeypatch):
+    monkeypatch.setattr("nbiafs.auth.LOGIN_ATTEMPTS", 1)
+    rsps.post(TOKEN_URL, json={"access_token": "t1", "expires_in": 7200})
+    tm = TokenManager(BASE)
+    failed = tm.get_token()
+    posts: list[int] = []
+    release = threading.Event()
+
+    def down(request):
+        posts.append(1)
+        release.wait(10)
+        return 503, {}, "down"
+
+    rsps.remove(responses.POST, TOKEN_URL)
+    rsps.add_callback(responses.POST, TOKEN_URL, callback=down)
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        try:
+            tm.handle_unauthorized(failed)
+        except Exception as exc:  # noqa: BLE001
+            with lock:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    assert _wait_until(lambda: len(posts) >= 1 and len(tm._changed._waiters) == 5)
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert len(errors) == 6 and all(isinstance(e, ServerError) for e in errors)
+    assert len(posts) == 1  # one renewal (a refresh refused by 503 is not retried as a password grant)
+
+
 def test_background_refresher_really_refreshes_short_lived_tokens(rsps):
     server = TokenServer(expires_in=1)
     rsps.add_callback(responses.POST, TOKEN_URL, callback=server)
