@@ -576,6 +576,13 @@ class InstanceStore:
         if flight.error is not None:
             raise _fresh(flight.error)
         assert flight.data is not None
+        expected = node.size if node.size and node.size > 0 else None
+        if expected is not None and len(flight.data) != expected:
+            # The leader checked another size (or none: a probe); this opener's size is the one
+            # its reader was told (st_size), so bytes of any other length must not reach it.
+            raise IntegrityError(
+                f"{node.sop_uid}: the server sent {len(flight.data)} bytes, {expected} were announced"
+            )
         return flight.data
 
     def _lead(self, key: str, node: InstanceRef, flight: _Flight) -> bytes:

@@ -641,3 +641,21 @@ def test_probe_fetches_once_caches_and_reads_the_instance_number(tmp_path):
         assert store.probe("1.2", "1.2.3") == (len(client.data), 42)
         assert store.probe("1.2", "1.2.3") == (len(client.data), 42)  # from the cache now
         assert client.calls == 1
+
+
+def test_opener_joining_a_probe_of_another_length_gets_integrity_error_not_the_bytes(make_store, client, waiters):
+    # A probe fetches without a known size (nothing to check against); an open that joins it knows
+    # the exact size. Bytes of another length must not reach the opener, not even from memory.
+    store = make_store()
+    n = node(3, size=4000)  # the server holds 5000 bytes for this instance
+    gate = hold(client, n)
+    probing = in_thread(store.probe, SERIES, n.sop_uid)
+    assert gate.wait_entered(1)
+    opening = in_thread(read_all, store, n)
+    waiters.wait_for(1)
+    gate.release()
+    for t, _ in (probing, opening):
+        t.join(WAIT)
+    assert probing[1].get("value", (None,))[0] == 5000
+    assert "value" not in opening[1], "bytes of the wrong length were served"
+    assert isinstance(opening[1].get("error"), IntegrityError)
