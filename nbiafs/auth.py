@@ -27,7 +27,7 @@ import requests
 
 from .config import CLIENT_ID, GUEST_USER
 from .errors import AuthError, NbiaError, ProtocolError, ServerError
-from .http import TRANSIENT_EXCEPTIONS, USER_AGENT, describe_failure
+from .http import TRANSIENT_EXCEPTIONS, USER_AGENT, BodyDeadlineError, describe_failure, read_body_before
 from .records import Token
 
 log = logging.getLogger(__name__)
@@ -198,10 +198,10 @@ class TokenManager:
             self._verified_token = None
         if token is None:
             return
-        try:
+        try:  # stream: the body is not needed, and a server dripping it would hold close() for hours
             response = self._session.get(f"{self.base_url}/nbia-api/logout",
                                          headers={"Authorization": f"Bearer {token.access_token}"},
-                                         timeout=self._timeout)
+                                         timeout=self._timeout, stream=True)
             log.debug("GET logout -> %d", response.status_code)
             response.close()
         except requests.RequestException as exc:
@@ -295,7 +295,16 @@ class TokenManager:
                     break
             sent_at = self._clock()
             try:
-                response = self._session.post(self.token_url, data=form, timeout=self._timeout)
+                response = self._session.post(self.token_url, data=form, timeout=self._timeout,
+                                              stream=True)
+                # The read timeout bounds each wait for data, not the reply: a server sending a
+                # byte at a time could hold a login (and every thread waiting for it) for hours.
+                read_body_before(response, time.monotonic() + sum(self._timeout), time.monotonic)
+            except BodyDeadlineError:
+                last = ServerError(f"token request ({grant}) to {self.base_url}: the reply was still "
+                                   f"arriving after {sum(self._timeout):g} s")
+                log.debug("POST oauth/token (%s) -> reply too slow", grant)
+                continue
             except TRANSIENT_EXCEPTIONS as exc:
                 last = ServerError(f"token request ({grant}) to {self.base_url} failed: {describe_failure(exc)}")
                 log.debug("POST oauth/token (%s) -> %s", grant, type(exc).__name__)
