@@ -48,6 +48,8 @@ EXPIRY_SKEW_FRACTION = 0.1
 MAX_REFRESHER_BACKOFF = 60.0
 #: Attempts of one foreground token request when the server is flaky.
 LOGIN_ATTEMPTS = 3
+#: A thread waiting for another thread's login gives up after every attempt could have run, plus this.
+LOGIN_WAIT_SLACK = 10.0
 #: A token proven valid by a 401-honest call is trusted this long (seconds) by empty answers.
 VERIFIED_WINDOW = 30.0
 
@@ -231,13 +233,16 @@ class TokenManager:
 
         A waiter whose renewal failed raises that error instead of starting a renewal of its own:
         otherwise, with the server down, N waiting threads would run N full logins one after the
-        other. AuthError if the renewal takes longer than a request may.
+        other. ServerError if the renewal takes longer than its attempts could.
         """
-        limit = self._timeout[0] + self._timeout[1]
-        limit = limit * LOGIN_ATTEMPTS + 5
+        # an attempt: headers within connect + read timeouts, the reply within as long again (plus
+        # its last read); then the backoffs between attempts (at most 1 + 2 + 4... s, 5 s each)
+        attempt = 2 * (self._timeout[0] + self._timeout[1]) + self._timeout[1]
+        limit = attempt * LOGIN_ATTEMPTS + 5.0 * max(0, LOGIN_ATTEMPTS - 1) + LOGIN_WAIT_SLACK
         waited_for = self._finished
         if not self._changed.wait_for(lambda: not self._in_flight, timeout=limit):
-            raise AuthError(f"timed out after {limit:g} s waiting for another thread's login")
+            raise ServerError(f"timed out after {limit:g} s waiting for another thread's login "
+                              f"to {self.base_url}")
         failure = self._failure
         if self._finished != waited_for and failure is not None:
             return type(failure)(str(failure))  # a copy: each thread raises its own

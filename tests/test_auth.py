@@ -497,3 +497,30 @@ def test_a_logout_reply_dripping_bytes_cannot_hold_close():
         assert time.monotonic() - started < 5
     finally:
         server.close()
+
+
+def test_a_login_slower_than_any_attempt_could_be_is_a_server_error_for_waiters_not_access_denied(
+        rsps, monkeypatch):
+    # A waiter giving up on another thread's slow login must not look like a refused password
+    # (AuthError is EACCES); the server is slow, which is EIO.
+    monkeypatch.setattr("nbiafs.auth.LOGIN_ATTEMPTS", 1)
+    monkeypatch.setattr("nbiafs.auth.LOGIN_WAIT_SLACK", 0.2)
+    entered = threading.Event()
+    release = threading.Event()
+
+    def stuck(request):
+        entered.set()
+        release.wait(10)
+        return 503, {}, "down"
+
+    rsps.add_callback(responses.POST, TOKEN_URL, callback=stuck)
+    tm = TokenManager(BASE, timeout=(0.01, 0.01))
+    first = threading.Thread(target=lambda: pytest.raises(ServerError, tm.get_token))
+    first.start()
+    try:
+        assert entered.wait(5)
+        with pytest.raises(ServerError, match="waiting for another thread"):
+            tm.get_token()
+    finally:
+        release.set()
+        first.join(10)
