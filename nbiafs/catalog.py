@@ -47,6 +47,10 @@ DEFAULT_MTIME = 946684800.0
 ROOT_INO = 1
 #: Built listings (name -> Node) kept per catalog; the records behind them live in the MetadataCache.
 LISTINGS_MAXSIZE = 1024
+#: Nodes (~0.5 KB each) kept in those listings in all: a walk over series of thousands of instances
+#: would otherwise keep LISTINGS_MAXSIZE big listings (gigabytes). A bigger listing is rebuilt from
+#: the metadata cache when needed.
+LISTINGS_MAX_NODES = 250_000
 #: Parallel probes when sizes must be learned by fetching (without the drill-down).
 PROBE_WORKERS = 8
 
@@ -150,8 +154,9 @@ class Catalog:
         self.probe_workers = max(1, probe_workers)
         self.namespace = meta.namespace
         self.root = Node("root", "/", ROOT_INO, DEFAULT_MTIME)
+        least = max(1, LISTINGS_MAX_NODES // LISTINGS_MAXSIZE)  # so at most LISTINGS_MAXSIZE listings fit
         self._listings: cachetools.TTLCache[str, dict[str, Node]] = cachetools.TTLCache(
-            LISTINGS_MAXSIZE, meta.ttl)
+            LISTINGS_MAX_NODES, meta.ttl, getsizeof=lambda built: max(least, len(built) + 1))
         self._lock = threading.Lock()  # guards _listings only
 
     # -- public -------------------------------------------------------------------------------
@@ -196,7 +201,10 @@ class Catalog:
         }[node.kind]
         built = builder(node)
         with self._lock:
-            self._listings[node.path] = built
+            try:
+                self._listings[node.path] = built
+            except ValueError:  # bigger than the whole bound: rebuilt from the metadata cache
+                log.debug("listing of %s (%d entries) too big to keep built", node.path, len(built))
         if node.kind == "series" and self.on_series_listed is not None:
             try:
                 self.on_series_listed(node, list(built.values()))

@@ -4,7 +4,9 @@ Owns: where listings are kept, for how long, under which keys, and single-flight
 loader call per key however many threads ask at once; a lock per key, never one global lock held
 while loading, so a slow listing never blocks another).
 
-* Memory: a ``cachetools.TTLCache`` (``ttl`` seconds, ``maxsize`` listings), guarded by a lock.
+* Memory: a ``cachetools.TTLCache`` (``ttl`` seconds, at most ``maxsize`` listings holding at most
+  ``max_records`` records in all), guarded by a lock. A listing bigger than ``max_records`` is kept on
+  disk only.
 * Disk: a ``diskcache.Cache`` at ``path`` (``cache_dir/"metadata"``), entries expire after
   ``disk_ttl`` seconds (30 days by default: published TCIA data does not change). ``path=None``
   keeps everything in memory only.
@@ -40,11 +42,21 @@ SCHEMA_VERSION = 1
 DEFAULT_DISK_TTL = 30 * 24 * 3600.0
 #: Listings kept in memory (a listing is one directory: a few records up to a few thousand).
 DEFAULT_MAXSIZE = 4096
+#: Records kept in memory over all listings (~0.3 KB each): a walk over a huge tree (series of
+#: thousands of instances) would otherwise keep DEFAULT_MAXSIZE big listings, gigabytes.
+DEFAULT_MAX_RECORDS = 500_000
 #: How long a thread waits for another thread's load of the same key before giving up. The loader is
 #: bounded by the client's own deadline; this only guarantees that nothing waits forever.
 DEFAULT_WAIT_TIMEOUT = 600.0
 
 _MISSING = object()
+
+
+def _records(value: Any) -> int:
+    try:
+        return len(value)
+    except TypeError:
+        return 1
 
 
 class _Flight:
@@ -64,14 +76,21 @@ class MetadataCache:
     def __init__(self, path: Path | None, namespace: str, ttl: float,
                  disk_ttl: float | None = DEFAULT_DISK_TTL, maxsize: int = DEFAULT_MAXSIZE, *,
                  wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
-                 timer: Callable[[], float] = time.monotonic) -> None:
+                 timer: Callable[[], float] = time.monotonic,
+                 max_records: int = DEFAULT_MAX_RECORDS) -> None:
         if ttl <= 0:
             raise ValueError("ttl must be positive")
+        if maxsize <= 0 or max_records <= 0:
+            raise ValueError("maxsize and max_records must be positive")
         self.namespace = namespace
         self.ttl = ttl
         self.disk_ttl = disk_ttl
         self.wait_timeout = wait_timeout
-        self._memory: cachetools.TTLCache[Hashable, Any] = cachetools.TTLCache(maxsize, ttl, timer)
+        # One weighted cache enforces both bounds: a listing weighs its record count + 1, and at least
+        # max_records / maxsize, so no more than maxsize listings fit either.
+        least = max(1, max_records // maxsize)
+        self._memory: cachetools.TTLCache[Hashable, Any] = cachetools.TTLCache(
+            max_records, ttl, timer, getsizeof=lambda value: max(least, _records(value) + 1))
         self._lock = threading.Lock()  # guards _memory and _flights; never held while loading
         self._flights: dict[Hashable, _Flight] = {}
         self._disk: diskcache.Cache | None = None
@@ -173,13 +192,18 @@ class MetadataCache:
                 log.debug("could not delete the unreadable entry", exc_info=True)
             return _MISSING
         if value is not _MISSING:
-            with self._lock:
-                self._memory[key] = value
+            self._remember(key, value)
         return value
 
-    def _store(self, key: Hashable, value: Any) -> None:
+    def _remember(self, key: Hashable, value: Any) -> None:
         with self._lock:
-            self._memory[key] = value
+            try:
+                self._memory[key] = value
+            except ValueError:  # bigger than the whole memory bound: served from disk only
+                self._memory.pop(key, None)
+
+    def _store(self, key: Hashable, value: Any) -> None:
+        self._remember(key, value)
         disk = self._disk
         if disk is None:
             return

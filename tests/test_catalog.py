@@ -451,3 +451,18 @@ def test_real_client_tree_has_exact_sizes_one_request_per_level_and_none_after_r
             assert emulator.stats() - before == Counter()
     finally:
         client.close()
+
+
+def test_built_listings_in_memory_are_bounded_by_nodes(metas, monkeypatch):
+    # Walking a tree of big series must not keep LISTINGS_MAXSIZE listings of any length: the
+    # catalog's built listings are bounded by the number of nodes they hold.
+    import nbiafs.catalog as catalog_mod
+
+    monkeypatch.setattr(catalog_mod, "LISTINGS_MAX_NODES", 40)
+    fake = FakeNbiaClient(build_archive(collections=1, patients=1, studies=1, series=4, instances=15))
+    cat = Catalog(fake, metas(None))
+    walk(cat)
+    assert sum(len(v) for v in cat._listings.values()) <= 40
+    before = fake.metadata_calls()
+    assert len(walk(cat)) == 1 + 1 + 1 + 4 + 4 * 15  # evicted listings are rebuilt from the metadata cache
+    assert fake.metadata_calls() == before

@@ -271,3 +271,34 @@ def test_enospc_while_writing_keeps_serving_from_memory(meta, monkeypatch):
     monkeypatch.setattr(meta._disk, "set", full)
     assert meta.get_or_load("patients", ("C",), Loader(value=[])) == []
     assert meta.get("patients", "C") == []
+
+
+def _records_in_memory(cache: MetadataCache) -> int:
+    return sum(len(v) for v in cache._memory.values())
+
+
+def test_memory_is_bounded_by_records_not_only_by_listings():
+    # A walk over a huge tree (series of thousands of instances) must not keep `maxsize` listings
+    # of any length in memory: the memory layer is bounded by the records it holds.
+    cache = MetadataCache(None, "ns", ttl=60, maxsize=100, max_records=1000)
+    for n in range(20):
+        cache.put("instances", f"series-{n}", value=[Collection(f"C{n}.{i}") for i in range(300)])
+    assert _records_in_memory(cache) <= 1000
+    assert cache.get("instances", "series-19") is not None  # the most recent stays
+    assert cache.get("instances", "series-0") is None  # the oldest went
+
+
+def test_memory_still_bounds_the_number_of_small_listings():
+    cache = MetadataCache(None, "ns", ttl=60, maxsize=10, max_records=1000)
+    for n in range(50):
+        cache.put("patients", f"c{n}", value=[Collection("x")])
+    assert len(cache._memory) <= 10
+
+
+def test_a_listing_bigger_than_the_memory_bound_is_served_from_disk(tmp_path):
+    load = Loader(value=[Collection(f"C{i}") for i in range(50)])
+    with MetadataCache(tmp_path / "m", "ns", ttl=60, max_records=20) as cache:
+        assert cache.get_or_load("collections", (), load) == load.value
+        assert cache.get_or_load("collections", (), load) == load.value
+        assert load.calls == 1
+        assert _records_in_memory(cache) == 0
