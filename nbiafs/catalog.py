@@ -35,7 +35,14 @@ from typing import Any, Protocol
 import cachetools
 
 from . import naming
-from .errors import BadRequestError, ForbiddenError, NotFoundError, OfflineError, ProtocolError
+from .errors import (
+    BadRequestError,
+    ForbiddenError,
+    NotFoundError,
+    OfflineError,
+    ProtocolError,
+    TokenExpiredError,
+)
 from .metacache import MetadataCache
 from .records import Collection, DrillDownStudy, Instance, Patient, Series, Study
 
@@ -305,6 +312,7 @@ class Catalog:
         series_uid = node.series_uid
         assert series_uid is not None
         instances = self._drilldown(series_uid) if self.use_drilldown else None
+        via_drilldown = instances is not None
         if instances is None:
             instances = self._probe_all(series_uid, self.client.sop_instance_uids(series_uid))
         elif any(i.size is None for i in instances):
@@ -316,6 +324,15 @@ class Catalog:
                                           else learned[i.sop_uid].number, learned[i.sop_uid].size,
                                           i.study_uid, i.image_pk_id) for i in unsized]
         expected = node.image_count
+        if via_drilldown and expected is not None and len({i.sop_uid for i in instances}) < expected:
+            # The drill-down listed fewer instances than getSeries announced: ask the search API for
+            # the full list and learn the missing ones by fetching, rather than hide files.
+            known = {i.sop_uid for i in instances}
+            missing = [u for u in self.client.sop_instance_uids(series_uid) if u and u not in known]
+            if missing:
+                log.warning("series %s: the drill-down lists %d of %d images; fetching the %d missing",
+                            series_uid, len(known), expected, len(missing))
+                instances = instances + self._probe_all(series_uid, missing)
         if expected is not None and expected != len({i.sop_uid for i in instances}):
             log.warning("series %s: the server announced %d images but lists %d",
                         series_uid, expected, len(instances))
@@ -330,7 +347,9 @@ class Catalog:
                 log.info("drill-down does not know series %s; falling back to getSOPInstanceUIDs", series_uid)
                 return None
             found = self.client.image_drilldown([pk])
-        except (ForbiddenError, BadRequestError, NotFoundError) as exc:  # refused, or no such endpoint
+        except (ForbiddenError, BadRequestError, NotFoundError, TokenExpiredError) as exc:
+            # refused, no such endpoint, or 401 even with a freshly renewed token: an account the
+            # advanced API does not serve (the search API, which the fallback uses, still checks it)
             log.info("drill-down unavailable for %s (%s); falling back to getSOPInstanceUIDs", series_uid, exc)
             return None
         others = [i for i in found if i.series_uid != series_uid]

@@ -57,6 +57,14 @@ class ReadOnlyError(NbiaError):
     """A write was attempted on the read-only mount."""
 
 
+class NotDirectoryError(NbiaError):
+    """A directory operation on an instance file."""
+
+
+class IsDirectoryError(NbiaError):
+    """A file operation (open) on a directory."""
+
+
 class CacheFullError(NbiaError):
     """The cache directory's disk is full; the fetched bytes could not be kept."""
 
@@ -64,6 +72,8 @@ class CacheFullError(NbiaError):
 _ERRNO: tuple[tuple[type[BaseException], int], ...] = (
     (ReadOnlyError, errno.EROFS),
     (NotFoundError, errno.ENOENT),
+    (NotDirectoryError, errno.ENOTDIR),
+    (IsDirectoryError, errno.EISDIR),
     (ForbiddenError, errno.EACCES),
     (AuthError, errno.EACCES),
     (OfflineError, errno.EIO),

@@ -23,7 +23,15 @@ from typing import Any, TypeVar
 
 import mfusepy as fuse
 
-from .errors import NbiaError, NotFoundError, ReadOnlyError, ServerError, errno_for
+from .errors import (
+    IsDirectoryError,
+    NbiaError,
+    NotDirectoryError,
+    NotFoundError,
+    ReadOnlyError,
+    ServerError,
+    errno_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -186,14 +194,14 @@ class NbiaFS(fuse.Operations):
     def opendir(self, path: str) -> int:
         node = self.catalog.lookup(path)
         if node.kind == "instance":
-            raise fuse.FuseOSError(errno.ENOTDIR)
+            raise NotDirectoryError(path)
         return 0
 
     @_guarded
     def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, Any], int]]:
         node = self.catalog.lookup(path)
         if node.kind == "instance":
-            raise fuse.FuseOSError(errno.ENOTDIR)
+            raise NotDirectoryError(path)
         children = self.catalog.children(path)
         here = self._attrs(node)
         entries: list[tuple[str, dict[str, Any], int]] = [(".", here, 0), ("..", {"st_mode": DIR_MODE}, 0)]
@@ -207,7 +215,7 @@ class NbiaFS(fuse.Operations):
             raise ReadOnlyError(path)
         node = self.catalog.lookup(path)
         if node.kind != "instance":
-            raise fuse.FuseOSError(errno.EISDIR)
+            raise IsDirectoryError(path)
         try:
             fi.fh = self.store.open(node)
         except NotFoundError as exc:

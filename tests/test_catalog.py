@@ -19,6 +19,7 @@ from nbiafs.errors import (
     OfflineError,
     ProtocolError,
     ServerError,
+    TokenExpiredError,
 )
 from nbiafs.metacache import MetadataCache
 from test_naming import assert_valid_name
@@ -370,12 +371,37 @@ def test_drilldown_instances_without_size_are_probed(fake, metas, monkeypatch):
 
 
 def test_image_count_mismatch_is_logged(fake, metas, caplog, monkeypatch):
-    real = fake.image_drilldown
-    monkeypatch.setattr(fake, "image_drilldown", lambda pks: real(pks)[:2])
+    real_drill = fake.image_drilldown
+    kept: set[str] = set()
+
+    def short_drilldown(pks):
+        found = real_drill(pks)[:2]
+        kept.update(i.sop_uid for i in found)
+        return found
+
+    monkeypatch.setattr(fake, "image_drilldown", short_drilldown)
+    monkeypatch.setattr(fake, "sop_instance_uids", lambda uid: sorted(kept))  # the search API agrees
     cat = Catalog(fake, metas(None))
     with caplog.at_level(logging.WARNING, logger="nbiafs.catalog"):
         assert len(cat.children(series_path(cat))) == 2
     assert "announced 3 images but lists 2" in caplog.text
+
+
+def test_a_short_drilldown_is_completed_from_the_search_api_by_probing(fake, metas, monkeypatch):
+    real = fake.image_drilldown
+    monkeypatch.setattr(fake, "image_drilldown", lambda pks: real(pks)[:1])
+    probe = Probe(fake.archive)
+    cat = Catalog(fake, metas(None), probe=probe)
+    files = cat.children(series_path(cat))
+    assert len(files) == 3 and len(probe.calls) == 2  # the two the drill-down did not list
+    assert all(n.size == len(fake.archive.data[n.sop_uid]) for n in files)
+    assert [n.instance_number for n in files] == [1, 2, 3]
+
+
+def test_a_drilldown_refused_with_401_after_renewal_falls_back_to_probing(fake, metas):
+    fake.fail("study_drilldown", TokenExpiredError("401 after a refresh"))
+    probe = Probe(fake.archive)
+    check_probed_listing(Catalog(fake, metas(None), probe=probe), fake, probe)
 
 
 def test_on_series_listed_gets_the_series_and_its_files(fake, metas):

@@ -20,6 +20,8 @@ from nbiafs import errors as e
         (e.IntegrityError("x"), errno.EIO),
         (e.OfflineError("x"), errno.EIO),
         (e.CacheFullError("x"), errno.ENOSPC),
+        (e.NotDirectoryError("x"), errno.ENOTDIR),
+        (e.IsDirectoryError("x"), errno.EISDIR),
         (TimeoutError(), errno.ETIMEDOUT),
         (OSError(errno.ENOSPC, "full"), errno.ENOSPC),
         (ValueError("bug"), errno.EIO),
