@@ -69,6 +69,9 @@ SERIES_MEMORY_SIZE = 10_000
 #: An entry is re-marked as used in the LRU at most this often (seconds): marking costs a SQLite write
 #: transaction per open, and a minute is nothing against the time a 10 GB cache takes to turn over.
 TOUCH_INTERVAL = 60.0
+#: Share of the cache bound one series' prefetch may fill: the rest stays for what is being read and
+#: for other series, so a series larger than the cache never evicts its own first files.
+PREFETCH_SHARE = 0.5
 #: Recently opened entries remembered for the fast open path (value file path, time, verified length).
 RECENT_SIZE = 4096
 
@@ -245,6 +248,7 @@ class InstanceStore:
         if not namespace:
             raise ConfigError("the instance cache needs a namespace (server URL + account)")
         self._client = client
+        self._size_limit = size_limit
         self._namespace = namespace
         self._offline = offline
         self._workers = workers
@@ -417,8 +421,26 @@ class InstanceStore:
             self._series_seen[series] = True
         # Start just after the opened file (readers go through a series in order), then wrap around.
         index = next((i for i, s in enumerate(siblings) if s.sop_uid == node.sop_uid), -1)
-        rest = [*siblings[index + 1 :], *siblings[: max(index, 0)]]
-        return self.prefetch(s for s in rest if s.sop_uid != node.sop_uid)
+        rest = [s for s in (*siblings[index + 1 :], *siblings[: max(index, 0)]) if s.sop_uid != node.sop_uid]
+        return self.prefetch(self._within_budget(rest))
+
+    def _within_budget(self, nodes: Sequence[InstanceRef]) -> list[InstanceRef]:
+        """The first of ``nodes`` whose sizes add up to at most PREFETCH_SHARE of the cache bound.
+
+        Prefetching more than the cache holds would evict what it has just fetched (and what the
+        reader is about to open) to make room for the end of the series.
+        """
+        budget = self._size_limit * PREFETCH_SHARE
+        chosen: list[InstanceRef] = []
+        total = 0
+        for n in nodes:
+            total += max(int(n.size or 0), 0)
+            if total > budget:
+                log.info("prefetch of series %s limited to %d of %d files by the cache size",
+                         n.series_uid, len(chosen), len(nodes))
+                break
+            chosen.append(n)
+        return chosen
 
     def _prefetch_one(self, key: str, node: InstanceRef) -> None:
         try:

@@ -659,3 +659,29 @@ def test_opener_joining_a_probe_of_another_length_gets_integrity_error_not_the_b
     assert probing[1].get("value", (None,))[0] == 5000
     assert "value" not in opening[1], "bytes of the wrong length were served"
     assert isinstance(opening[1].get("error"), IntegrityError)
+
+
+def test_prefetch_of_a_series_larger_than_the_cache_stops_at_half_the_bound(tmp_path):
+    from nbiafs.store import InstanceStore
+
+    class Sized:
+        def __init__(self, i):
+            self.series_uid, self.sop_uid, self.size = "s", f"i{i}", 1000
+
+    class Thousand:
+        deadline = 5.0
+
+        def __init__(self):
+            self.fetched = []
+
+        def single_image(self, series_uid, sop_uid, expected_size=None):
+            self.fetched.append(sop_uid)
+            return b"x" * 1000
+
+    nodes = [Sized(i) for i in range(100)]
+    client = Thousand()
+    with InstanceStore(client, tmp_path, size_limit=20_000, namespace="ns", workers=2) as store:
+        store.start()
+        assert store.on_open(nodes[0], nodes) == 10  # 10 x 1000 bytes = half of the 20 000 bound
+        assert store.wait_prefetched(10)
+    assert sorted(client.fetched) == sorted(f"i{i}" for i in range(1, 11))
