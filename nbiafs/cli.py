@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def _add_mount_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("mountpoint", help="empty directory to mount on")
+    p.add_argument("mountpoint", help="existing directory to mount on")
     p.add_argument("--server", default="public",
                    help="public, nlst, or a base URL before /nbia-api (e.g. http://127.0.0.1:8080)")
     p.add_argument("--user", default=None,
