@@ -10,6 +10,7 @@ from urllib.parse import parse_qs
 import pytest
 import requests
 import responses
+from localhttp import DripServer
 
 from nbiafs.auth import TokenManager, password_from_env_or_prompt
 from nbiafs.errors import AuthError, ServerError
@@ -430,51 +431,10 @@ def test_password_prompt_used_on_a_terminal(monkeypatch):
     assert password_from_env_or_prompt("alice") == SECRET
 
 
-class DripTokenServer:
-    """A real HTTP server whose token endpoint sends its reply one byte every few milliseconds."""
-
-    def __init__(self) -> None:
-        import http.server
-
-        self.stop = threading.Event()
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", "100000")
-                self.end_headers()
-                try:
-                    while not owner.stop.wait(0.005):  # each byte well within the read timeout
-                        self.wfile.write(b" ")
-                        self.wfile.flush()
-                except OSError:
-                    pass  # the client gave up
-
-            do_GET = do_POST  # logout drips too
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.stop.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
-
-
 @pytest.mark.timeout(60)
 def test_a_token_reply_dripping_bytes_cannot_hold_a_login_past_its_timeouts(monkeypatch):
     monkeypatch.setattr("nbiafs.auth.LOGIN_ATTEMPTS", 1)
-    server = DripTokenServer()
+    server = DripServer(b" ", "application/json")
     tm = TokenManager(server.url, timeout=(0.5, 0.5))
     try:
         started = time.monotonic()
@@ -488,7 +448,7 @@ def test_a_token_reply_dripping_bytes_cannot_hold_a_login_past_its_timeouts(monk
 
 @pytest.mark.timeout(60)
 def test_a_logout_reply_dripping_bytes_cannot_hold_close():
-    server = DripTokenServer()
+    server = DripServer(b" ", "application/json")
     tm = TokenManager(server.url, timeout=(0.5, 0.5))
     tm._token = Token(access_token="abc", expires_at=time.monotonic() + 7200)
     try:

@@ -12,6 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 import responses
+from localhttp import DripServer, LocalServer
 
 from nbiafs.auth import TokenManager
 from nbiafs.client import NbiaClient
@@ -400,8 +401,8 @@ def test_single_image_shorter_than_content_length_is_rejected(rsps, tokens):
         make_client(tokens, retries=1).single_image("1.2", "9.1")
 
 
-class CutShortServer:
-    """A real HTTP server on 127.0.0.1 that announces 100 bytes, sends 4 and closes (first N times)."""
+class CutShortServer(LocalServer):
+    """A real HTTP server on 127.0.0.1 that announces 8 bytes, sends 4 and closes (first N times)."""
 
     def __init__(self, failures: int) -> None:
         import http.server
@@ -427,16 +428,7 @@ class CutShortServer:
             def log_message(self, *args) -> None:
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
+        super().__init__(Handler)
 
 
 def test_single_image_cut_short_on_a_real_socket_is_retried():
@@ -459,43 +451,6 @@ def test_single_image_always_cut_short_is_a_protocol_error():
         client.close()
     finally:
         server.close()
-
-
-class DripServer:
-    """A real HTTP server that announces a body and then sends it one byte every few milliseconds."""
-
-    def __init__(self) -> None:
-        import http.server
-
-        self.stop = threading.Event()
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                self.send_response(200)
-                self.send_header("Content-Length", "100000")
-                self.end_headers()
-                try:
-                    while not owner.stop.wait(0.005):  # each byte well within the read timeout
-                        self.wfile.write(b"x")
-                        self.wfile.flush()
-                except OSError:
-                    pass  # the client gave up and closed the connection
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.stop.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
 
 
 def test_a_server_dripping_bytes_cannot_hold_a_read_past_the_deadline():
