@@ -47,6 +47,24 @@ def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 
     return True
 
 
+def first_series(root: Path, collection: str = "Demo-Chest-CT") -> Path:
+    """The first series folder (by name) of the first patient and study of ``collection``."""
+    path = root / collection
+    for _ in range(3):
+        path = path / sorted(os.listdir(path))[0]
+    return path
+
+
+def series_of_count(root: Path, collection: str, patient: str, count: int) -> Path:
+    """The first series folder of ``patient`` that holds exactly ``count`` files."""
+    patient_dir = root / collection / patient
+    for study in sorted(os.listdir(patient_dir)):
+        for series in sorted(os.listdir(patient_dir / study)):
+            if len(os.listdir(patient_dir / study / series)) == count:
+                return patient_dir / study / series
+    raise AssertionError(f"no series of {count} files under {patient_dir}")
+
+
 def on_ci() -> bool:
     """True under CI (CI=true), where a missing prerequisite is a failure, never a skip."""
     return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")

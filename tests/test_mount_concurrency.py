@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import series_of_count
 
 pytestmark = pytest.mark.fuse
 
@@ -22,18 +23,9 @@ def _read_all(paths: list[str], barrier, results) -> None:
     results.put(out)
 
 
-def series_with_files(root: Path, collection: str, patient: str, count: int) -> Path:
-    patient_dir = root / collection / patient
-    for study in sorted(os.listdir(patient_dir)):
-        for series in sorted(os.listdir(patient_dir / study)):
-            if len(os.listdir(patient_dir / study / series)) == count:
-                return patient_dir / study / series
-    raise AssertionError(f"no series of {count} files under {patient_dir}")
-
-
 def test_sixteen_processes_opening_the_same_uncached_files_cause_one_fetch_each(emulator, archive, mounter) -> None:
     m = mounter(emulator, extra=("--no-prefetch",))
-    series = series_with_files(m.path, "Demo-Head-MR", "DHM-0001", 12)
+    series = series_of_count(m.path, "Demo-Head-MR", "DHM-0001", 12)
     paths = [str(series / n) for n in sorted(os.listdir(series))]
     emulator.reset_stats()
     ctx = multiprocessing.get_context("spawn")
@@ -61,8 +53,8 @@ def test_sixteen_processes_opening_the_same_uncached_files_cause_one_fetch_each(
 
 def test_a_slow_fetch_does_not_block_listing_or_reading_other_files(emulator, mounter) -> None:
     m = mounter(emulator, extra=("--no-prefetch",))
-    slow_series = series_with_files(m.path, "Demo-Chest-CT", "DCC-0001", 3)
-    other_series = series_with_files(m.path, "Demo-Chest-CT", "DCC-0002", 6)
+    slow_series = series_of_count(m.path, "Demo-Chest-CT", "DCC-0001", 3)
+    other_series = series_of_count(m.path, "Demo-Chest-CT", "DCC-0002", 6)
     slow_file = slow_series / "1-001.dcm"
     emulator.inject_fault("getSingleImage", delay=5, count=1)
     slow_done = threading.Event()

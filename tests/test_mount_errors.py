@@ -10,18 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import nbiafs_cli
+from conftest import first_series, nbiafs_cli
 from nbiafs import daemon
 from nbiafs.emulator import TEST_PASSWORD, TEST_USER
 
 pytestmark = pytest.mark.fuse
-
-
-def first_series(root: Path, collection: str = "Demo-Chest-CT") -> Path:
-    path = root / collection
-    for _ in range(3):
-        path = path / sorted(os.listdir(path))[0]
-    return path
 
 
 def truth(archive, path: Path, mount_root: Path) -> bytes:

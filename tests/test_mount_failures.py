@@ -14,29 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import nbiafs_cli, teardown_mount, wait_until
+from conftest import first_series, nbiafs_cli, series_of_count, teardown_mount, wait_until
 from nbiafs import daemon
 from nbiafs.emulator import TEST_PASSWORD, TEST_USER
 
 pytestmark = pytest.mark.fuse
 
 BIG_COLLECTION, BIG_PATIENT, BIG_COUNT = "Demo-Chest-CT", "DCC-0001", 120
-
-
-def first_series(root: Path, collection: str = "Demo-Chest-CT") -> Path:
-    path = root / collection
-    for _ in range(3):
-        path = path / sorted(os.listdir(path))[0]
-    return path
-
-
-def series_of_count(root: Path, collection: str, patient: str, count: int) -> Path:
-    patient_dir = root / collection / patient
-    for study in sorted(os.listdir(patient_dir)):
-        for series in sorted(os.listdir(patient_dir / study)):
-            if len(os.listdir(patient_dir / study / series)) == count:
-                return patient_dir / study / series
-    raise AssertionError(f"no series of {count} files under {patient_dir}")
 
 
 def unlisted_series(root: Path, archive, collection: str, patient: str, count: int) -> Path:

@@ -105,7 +105,7 @@ def client() -> FakeNbiaClient:
 
 
 @pytest.fixture
-def make_store(tmp_path: Path, client: FakeClient):
+def make_store(tmp_path: Path, client: FakeNbiaClient):
     stores: list[InstanceStore] = []
 
     def make(**kw) -> InstanceStore:
