@@ -33,6 +33,7 @@ import cachetools
 import diskcache
 
 from .errors import ServerError
+from .singleflight import Flight
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +60,6 @@ def _records(value: Any) -> int:
         return 1
 
 
-class _Flight:
-    """One load in progress: waiters block on ``done`` and share its value or exception."""
-
-    __slots__ = ("done", "value", "error")
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.value: Any = _MISSING
-        self.error: BaseException | None = None
-
-
 class MetadataCache:
     """Listings by key, in memory and on disk, loaded at most once at a time per key."""
 
@@ -92,7 +82,7 @@ class MetadataCache:
         self._memory: cachetools.TTLCache[Hashable, Any] = cachetools.TTLCache(
             max_records, ttl, timer, getsizeof=lambda value: max(least, _records(value) + 1))
         self._lock = threading.Lock()  # guards _memory and _flights; never held while loading
-        self._flights: dict[Hashable, _Flight] = {}
+        self._flights: dict[Hashable, Flight[Any]] = {}
         self._disk: diskcache.Cache | None = None
         self._disk_write_failed = False
         if path is not None:
@@ -133,23 +123,20 @@ class MetadataCache:
             flight = self._flights.get(key)
             leader = flight is None
             if leader:
-                flight = self._flights[key] = _Flight()
+                flight = self._flights[key] = Flight()
         assert flight is not None
         if not leader:
-            if not flight.done.wait(self.wait_timeout):
-                raise ServerError(f"timed out after {self.wait_timeout:.0f}s waiting for a listing of {what}")
-            if flight.error is not None:
-                raise flight.error
-            return flight.value
+            return flight.wait(self.wait_timeout, lambda: ServerError(
+                f"timed out after {self.wait_timeout:.0f}s waiting for a listing of {what}"))
         try:
             value = self._lookup(key, validate)  # another leader may have finished just before us
             if value is _MISSING:
                 value = loader()
                 self._store(key, value)
-            flight.value = value
+            flight.succeed(value)
             return value
         except BaseException as exc:
-            flight.error = exc
+            flight.fail(exc)
             raise
         finally:
             with self._lock:

@@ -22,7 +22,6 @@ write removes its partial file (:class:`_TidyDisk`).
 
 from __future__ import annotations
 
-import copy
 import errno
 import io
 import itertools
@@ -43,6 +42,7 @@ import diskcache
 import pydicom
 
 from .errors import ConfigError, IntegrityError, NbiaError, OfflineError, ServerError
+from .singleflight import Flight
 
 if TYPE_CHECKING:
     from .client import NbiaClient
@@ -209,23 +209,6 @@ class _Handle:
         self._data = None
 
 
-class _Flight:
-    """One fetch in progress; other openers of the same instance wait on it."""
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.data: bytes | None = None
-        self.error: BaseException | None = None
-
-
-def _fresh(error: BaseException) -> BaseException:
-    """A copy of ``error`` to raise in another thread (so tracebacks do not pile up on one object)."""
-    try:
-        return copy.copy(error)
-    except Exception:  # an exception type that cannot be copied: raise the original
-        return error
-
-
 class InstanceStore:
     """Instance bytes for the file system: cached on disk, fetched once, prefetched per series."""
 
@@ -274,7 +257,7 @@ class InstanceStore:
             raise ConfigError(f"cannot use the cache directory {self.directory}: {exc}") from exc
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified whenever a queued prefetch ends
-        self._flights: dict[str, _Flight] = {}
+        self._flights: dict[str, Flight[bytes]] = {}
         self._queued: set[str] = set()
         self._series_seen: cachetools.TTLCache[str, bool] = cachetools.TTLCache(
             SERIES_MEMORY_SIZE, SERIES_MEMORY_TTL
@@ -452,7 +435,7 @@ class InstanceStore:
             with self._lock:
                 if key in self._flights:  # a direct open is fetching it already
                     return
-                flight = _Flight()
+                flight = Flight()
                 self._flights[key] = flight
             self._lead(key, node, flight)
             self._counters.add("prefetches")
@@ -588,34 +571,31 @@ class InstanceStore:
             flight = self._flights.get(key)
             leader = flight is None
             if flight is None:
-                flight = _Flight()
+                flight = Flight()
                 self._flights[key] = flight
         if leader:
             return self._lead(key, node, flight)
         self._counters.add("joined")
-        if not flight.done.wait(self._wait_timeout):
-            raise ServerError(f"gave up waiting {self._wait_timeout:.0f}s for the download of {node.sop_uid}")
-        if flight.error is not None:
-            raise _fresh(flight.error)
-        assert flight.data is not None
+        data = flight.wait(self._wait_timeout, lambda: ServerError(
+            f"gave up waiting {self._wait_timeout:.0f}s for the download of {node.sop_uid}"))
         expected = node.size if node.size and node.size > 0 else None
-        if expected is not None and len(flight.data) != expected:
+        if expected is not None and len(data) != expected:
             # The leader checked another size (or none: a probe); this opener's size is the one
             # its reader was told (st_size), so bytes of any other length must not reach it.
             raise IntegrityError(
-                f"{node.sop_uid}: the server sent {len(flight.data)} bytes, {expected} were announced"
+                f"{node.sop_uid}: the server sent {len(data)} bytes, {expected} were announced"
             )
-        return flight.data
+        return data
 
-    def _lead(self, key: str, node: InstanceRef, flight: _Flight) -> bytes:
+    def _lead(self, key: str, node: InstanceRef, flight: Flight[bytes]) -> bytes:
         """Fetch, verify and store ``node``, then wake the waiters; the flight always ends."""
         try:
             data = self._fetch(node)
             self._keep(key, data)
-            flight.data = data
+            flight.succeed(data)
             return data
         except BaseException as exc:
-            flight.error = exc
+            flight.fail(exc)
             raise
         finally:
             with self._lock:

@@ -90,12 +90,12 @@ def waiters(monkeypatch: pytest.MonkeyPatch) -> Waiters:
                 w.cond.notify_all()
             return super().wait(timeout)
 
-    class CountingFlight(store_mod._Flight):
+    class CountingFlight(store_mod.Flight):
         def __init__(self) -> None:
             super().__init__()
             self.done = CountingEvent()
 
-    monkeypatch.setattr(store_mod, "_Flight", CountingFlight)
+    monkeypatch.setattr(store_mod, "Flight", CountingFlight)
     return w
 
 
