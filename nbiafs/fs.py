@@ -1,6 +1,6 @@
 """The FUSE adapter: kernel requests -> catalog (tree) and store (bytes), exceptions -> errno.
 
-This module owns only the glue to libfuse3 (through mfusepy): turning paths into attribute dicts,
+This module owns only the glue to libfuse3 (through mfusepy, bound by :mod:`nbiafs.fuselib`): turning paths into attribute dicts,
 handing opens and reads to the instance store, refusing every write with EROFS, and mapping every
 exception with :func:`nbiafs.errors.errno_for` (the one mapping). It does no HTTP and keeps no
 caching policy of its own: listings and sizes come from :class:`nbiafs.catalog.Catalog`, bytes from
@@ -21,8 +21,7 @@ import stat
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import mfusepy as fuse
-
+from . import fuselib
 from .errors import (
     IsDirectoryError,
     NbiaError,
@@ -34,6 +33,9 @@ from .errors import (
 )
 
 log = logging.getLogger(__name__)
+
+#: mfusepy bound to libfuse3 (importing this module without libfuse3 raises FuseUnavailableError).
+fuse = fuselib.load()
 
 #: Preferred I/O size reported in st_blksize. Instances are 0.1-1 MB and always served whole from the
 #: cache file, so readers that size their buffers from st_blksize (cp, dd, Python's open()) read a
@@ -295,9 +297,11 @@ class NbiaFS(fuse.Operations):
     def removexattr(self, path: str, name: str) -> int: ...
 
 
-def mount_options(kernel_timeout: float, negative_timeout: float = DEFAULT_NEGATIVE_TIMEOUT) -> dict[str, Any]:
-    """The libfuse options of every nbiafs mount (read-only, long kernel caches, stable inodes)."""
-    return {
+def mount_options(kernel_timeout: float, negative_timeout: float = DEFAULT_NEGATIVE_TIMEOUT, *,
+                  version: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The libfuse options of every nbiafs mount (read-only, long kernel caches, stable inodes), as the
+    libfuse of ``version`` (default: the one loaded) accepts them."""
+    wanted = {
         "ro": True,
         "fsname": "nbiafs",
         "subtype": "nbiafs",
@@ -310,6 +314,7 @@ def mount_options(kernel_timeout: float, negative_timeout: float = DEFAULT_NEGAT
         "max_threads": MAX_THREADS,
         "max_idle_threads": MAX_IDLE_THREADS,
     }
+    return fuselib.check_options(wanted, version or fuselib.loaded_version(fuse))
 
 
 def serve(operations: NbiaFS, mountpoint: str, *, kernel_timeout: float,

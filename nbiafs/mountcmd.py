@@ -132,8 +132,11 @@ def check_fuse() -> None:
     """A clear error when this machine cannot mount FUSE file systems."""
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse is missing: install FUSE 3 (apt install fuse3) or load the fuse module")
-    if not (shutil.which("fusermount3") or shutil.which("fusermount") or os.geteuid() == 0):
+    if not (shutil.which("fusermount3") or os.geteuid() == 0):
         raise MountError("fusermount3 is missing: install FUSE 3 (apt install fuse3)")
+    from . import fuselib
+
+    fuselib.load()  # libfuse3, or a FuseUnavailableError naming the package to install
 
 
 def _forward_args(args: argparse.Namespace, settings: Settings) -> list[str]:

@@ -9,12 +9,13 @@ import stat
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-import mfusepy
 import pytest
 
 from nbiafs import fs as fsmod
 from nbiafs.errors import ForbiddenError, NotFoundError, OfflineError, ServerError
 from nbiafs.fs import NbiaFS
+
+mfusepy = fsmod.fuse  # mfusepy as nbiafs bound it (to libfuse3)
 
 
 @dataclass(frozen=True)
