@@ -17,6 +17,12 @@ Only answers are cached, never errors (a loader that raises caches nothing). Emp
 cached: the client verifies an empty answer against auth before returning it. A disk entry that
 cannot be read (corrupt, from another schema) is dropped and loaded again; a disk that cannot be
 written (full, read-only) is logged once and the cache keeps serving from memory.
+
+The disk cache lives on its own thread (:class:`nbiafs.dbthread.DbThread`): one SQLite connection for
+the cache's life, whatever thread asks (libfuse's native threads lose thread-local state between
+callbacks). Reads wait at most ``db_timeout``; a database that does not answer in time (locked by
+another process, a slow disk) is a miss, and the listing is loaded from the server instead of failing.
+Writes are queued, not waited for.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any
 import cachetools
 import diskcache
 
+from .dbthread import DbThread, DbTimeout
 from .errors import ServerError
 from .singleflight import Flight
 
@@ -49,6 +56,8 @@ DEFAULT_MAX_RECORDS = 500_000
 #: How long a thread waits for another thread's load of the same key before giving up. The loader is
 #: bounded by the client's own deadline; this only guarantees that nothing waits forever.
 DEFAULT_WAIT_TIMEOUT = 600.0
+#: How long a read of the disk cache may take before the listing is loaded from the server instead.
+DEFAULT_DB_TIMEOUT = 5.0
 
 _MISSING = object()
 
@@ -67,7 +76,7 @@ class MetadataCache:
                  disk_ttl: float | None = DEFAULT_DISK_TTL, maxsize: int = DEFAULT_MAXSIZE, *,
                  wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
                  timer: Callable[[], float] = time.monotonic,
-                 max_records: int = DEFAULT_MAX_RECORDS) -> None:
+                 max_records: int = DEFAULT_MAX_RECORDS, db_timeout: float = DEFAULT_DB_TIMEOUT) -> None:
         if ttl <= 0:
             raise ValueError("ttl must be positive")
         if maxsize <= 0 or max_records <= 0:
@@ -83,13 +92,18 @@ class MetadataCache:
             max_records, ttl, timer, getsizeof=lambda value: max(least, _records(value) + 1))
         self._lock = threading.Lock()  # guards _memory and _flights; never held while loading
         self._flights: dict[Hashable, Flight[Any]] = {}
+        self.db_timeout = db_timeout
         self._disk: diskcache.Cache | None = None
+        self._db: DbThread | None = None
         self._disk_write_failed = False
         if path is not None:
+            db = DbThread("nbiafs-metadata-db")
             try:
                 Path(path).mkdir(parents=True, exist_ok=True)
-                self._disk = diskcache.Cache(str(path))
-            except (OSError, sqlite3.Error) as exc:
+                self._disk = db.call(lambda: diskcache.Cache(str(path)), timeout=max(db_timeout, 30.0))
+                self._db = db
+            except (OSError, sqlite3.Error, DbTimeout) as exc:
+                db.close()
                 log.warning("metadata cache at %s unusable (%s); keeping metadata in memory only", path, exc)
 
     # -- keys ---------------------------------------------------------------------------------
@@ -144,13 +158,11 @@ class MetadataCache:
             flight.done.set()
 
     def close(self) -> None:
-        """Close the disk cache (memory stays usable)."""
+        """Write what is queued, close the disk cache (memory stays usable)."""
         disk, self._disk = self._disk, None
-        if disk is not None:
-            try:
-                disk.close()
-            except (OSError, sqlite3.Error):
-                log.debug("closing the metadata disk cache failed", exc_info=True)
+        db, self._db = self._db, None
+        if db is not None and disk is not None:
+            db.close(final=disk.close)
 
     def __enter__(self) -> MetadataCache:
         return self
@@ -164,23 +176,29 @@ class MetadataCache:
             value = self._memory.get(key, _MISSING)
         if value is not _MISSING:
             return value
-        disk = self._disk
-        if disk is None:
+        disk, db = self._disk, self._db
+        if disk is None or db is None:
             return _MISSING
         try:
-            value = disk.get(key, default=_MISSING)
-            if value is not _MISSING and validate is not None and not validate(value):
-                raise ValueError("cached value has the wrong shape")
+            value = db.call(lambda: disk.get(key, default=_MISSING), timeout=self.db_timeout)
+        except (DbTimeout, diskcache.Timeout) as exc:  # busy, not broken: load it, keep the entry
+            log.info("metadata cache did not answer (%s); asking the server instead", exc)
+            return _MISSING
         except Exception as exc:  # noqa: BLE001 - any unreadable entry (unpickling can raise anything)
-            log.warning("dropping unreadable metadata cache entry %r: %s", key[2:], exc)
-            try:
-                disk.delete(key)
-            except Exception:  # noqa: BLE001 - a broken database must not break listing
-                log.debug("could not delete the unreadable entry", exc_info=True)
+            self._drop_unreadable(key, exc)
+            return _MISSING
+        if value is not _MISSING and validate is not None and not validate(value):
+            self._drop_unreadable(key, ValueError("cached value has the wrong shape"))
             return _MISSING
         if value is not _MISSING:
             self._remember(key, value)
         return value
+
+    def _drop_unreadable(self, key: Hashable, exc: BaseException) -> None:
+        log.warning("dropping unreadable metadata cache entry %r: %s", key[2:], exc)  # type: ignore[index]
+        disk, db = self._disk, self._db
+        if disk is not None and db is not None:
+            db.submit(lambda: disk.delete(key))
 
     def _remember(self, key: Hashable, value: Any) -> None:
         with self._lock:
@@ -191,12 +209,16 @@ class MetadataCache:
 
     def _store(self, key: Hashable, value: Any) -> None:
         self._remember(key, value)
-        disk = self._disk
-        if disk is None:
+        disk, db = self._disk, self._db
+        if disk is None or db is None:
             return
+        db.submit(lambda: self._write(disk, key, value))
+
+    def _write(self, disk: diskcache.Cache, key: Hashable, value: Any) -> None:
+        """On the database thread: write one entry; a failure is logged once, memory keeps serving."""
         try:
             disk.set(key, value, expire=self.disk_ttl)
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             if not self._disk_write_failed:
                 log.warning("cannot write the metadata cache (%s); serving listings from memory", exc)
             self._disk_write_failed = True
@@ -204,3 +226,8 @@ class MetadataCache:
             if self._disk_write_failed:
                 log.info("metadata cache writable again")
             self._disk_write_failed = False
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until the queued writes are on disk (for tests and clean shutdowns)."""
+        if self._db is not None:
+            self._db.call(lambda: None, timeout)

@@ -260,6 +260,7 @@ def test_full_disk_keeps_serving_from_memory(meta, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="nbiafs.metacache"):
         assert meta.get_or_load("collections", (), load) == load.value
         assert meta.get_or_load("collections", (), load) == load.value
+        meta.flush()  # writes are queued on the database thread
     assert load.calls == 1
     assert "cannot write the metadata cache" in caplog.text
 
@@ -302,3 +303,48 @@ def test_a_listing_bigger_than_the_memory_bound_is_served_from_disk(tmp_path):
         assert cache.get_or_load("collections", (), load) == load.value
         assert load.calls == 1
         assert _records_in_memory(cache) == 0
+
+
+def test_one_database_connection_whatever_thread_asks(tmp_path, monkeypatch):
+    # libfuse gives every callback a fresh Python thread state, so thread-local connections (diskcache's
+    # own) were opened again on every callback. The cache's database lives on one thread instead.
+    connects = []
+    real_connect = sqlite3.connect
+
+    def counting_connect(*args, **kwargs):
+        connects.append(args[0] if args else kwargs.get("database"))
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", counting_connect)
+    with MetadataCache(tmp_path / "m", "ns", ttl=60) as cache:
+        cache.put("patients", "C", value=[Collection("x")])
+        cache.flush()
+        cache._memory.clear()  # every lookup below reads the disk
+        baseline = len(connects)
+        for n in range(40):  # each from a brand-new thread, as from libfuse's native threads
+            seen = []
+            worker = threading.Thread(target=lambda: seen.append(cache.get("patients", "C")))
+            worker.start()
+            worker.join()
+            assert seen == [[Collection("x")]]
+            cache._memory.clear()
+        assert len(connects) == baseline  # no new connection for any of them
+    assert baseline <= 2  # diskcache connects twice while it sets a new cache up
+
+
+def test_a_database_lock_timeout_falls_back_to_loading(tmp_path):
+    # Another process holding the database (or a slow disk) must cost a load from the server, never a
+    # failed listing.
+    with MetadataCache(tmp_path / "m", "ns", ttl=60, db_timeout=0.2) as cache:
+        cache.put("patients", "C", value=[Collection("old")])
+        cache.flush()
+        cache._memory.clear()
+        hold = threading.Event()
+        assert cache._db is not None
+        cache._db.submit(lambda: hold.wait(30))  # the database thread is stuck behind a lock
+        try:
+            load = Loader(value=[Collection("fresh")])
+            assert cache.get_or_load("patients", ("C",), load) == [Collection("fresh")]
+            assert load.calls == 1
+        finally:
+            hold.set()
