@@ -10,6 +10,13 @@ auth failures behind empty answers (see :mod:`nbiafs.client`).
 The thread is created by :meth:`TokenManager.start`, not in ``__init__``, because the mount forks
 into the background after construction and threads do not survive a fork. Passwords and tokens
 never appear in logs, reprs or exception messages.
+
+Waits are bounded by the caller's :class:`~nbiafs.deadline.Deadline`: a login for a call, and a thread
+waiting for another thread's login, give up when the call that needed the token must be over (a
+hanging token endpoint costs an ``open()`` its deadline, not minutes). A password the server refuses
+is not tried again: identity providers lock accounts after repeated failures, so the manager
+remembers the refusal, its refresher stops, and every later call fails at once with :class:`AuthError`
+(EACCES) until the mount is restarted with the right password.
 """
 
 from __future__ import annotations
@@ -26,8 +33,10 @@ from collections.abc import Callable
 import requests
 
 from .config import CLIENT_ID, GUEST_USER
-from .errors import AuthError, NbiaError, ProtocolError, ServerError
+from .deadline import Deadline
+from .errors import AuthError, NbiaError, ProtocolError, RemoteNotFoundError, ServerError
 from .http import TRANSIENT_EXCEPTIONS, USER_AGENT, BodyDeadlineError, describe_failure, read_body_before
+from .options import default
 from .records import Token
 
 log = logging.getLogger(__name__)
@@ -78,7 +87,7 @@ class TokenManager:
 
     def __init__(self, base_url: str, username: str = GUEST_USER, password: str = "", *,
                  session: requests.Session | None = None, refresh_margin: float | None = None,
-                 timeout: tuple[float, float] = (10, 30),
+                 timeout: tuple[float, float] = (default("connect_timeout"), default("read_timeout")),
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.base_url = base_url.rstrip("/")
         self.username = username
@@ -100,6 +109,7 @@ class TokenManager:
         self._renewals = 0  # count of tokens issued (for tests and logs)
         self._verified_token: str | None = None
         self._verified_at = 0.0
+        self._refused: AuthError | None = None  # the server refused the password: never try it again
         self._stop = threading.Event()
         self._wake = threading.Event()  # the refresher recomputes its schedule
         self._thread: threading.Thread | None = None
@@ -114,11 +124,15 @@ class TokenManager:
 
     # -- public API -------------------------------------------------------------------------
 
-    def get_token(self) -> str:
-        """A valid access token by this manager's clock; logs in (or renews) when needed."""
+    def get_token(self, deadline: Deadline | None = None) -> str:
+        """A valid access token by this manager's clock; logs in (or renews) when needed.
+
+        Every wait (the login itself, or another thread's) ends by ``deadline`` (ServerError after it).
+        """
         with self._changed:
             failure: NbiaError | None = None
             while True:
+                self._raise_if_refused()
                 token = self._token
                 if token is not None and self._fresh(token):
                     return token.access_token
@@ -127,20 +141,33 @@ class TokenManager:
                 if not self._in_flight:
                     self._in_flight = True
                     break
-                failure = self._wait_for_login()
-        return self._renew_in_flight(token, reason="no valid token").access_token
+                failure = self._wait_for_login(deadline)
+        return self._renew_in_flight(token, reason="no valid token", deadline=deadline).access_token
 
-    def handle_unauthorized(self, failed_token: str) -> str:
+    def handle_unauthorized(self, failed_token: str, deadline: Deadline | None = None) -> str:
         """After a 401 with ``failed_token``: renew once (unless someone already did); the new token."""
         with self._changed:
-            failure = self._wait_for_login() if self._in_flight else None
+            self._raise_if_refused()
+            failure = self._wait_for_login(deadline) if self._in_flight else None
             token = self._token
             if token is not None and token.access_token != failed_token and self._fresh(token):
                 return token.access_token
             if failure is not None:
                 raise failure
+            self._raise_if_refused()
             self._in_flight = True
-        return self._renew_in_flight(token, reason="the server answered 401").access_token
+        return self._renew_in_flight(token, reason="the server answered 401", deadline=deadline).access_token
+
+    @property
+    def refused(self) -> bool:
+        """True once the server refused this account's password (nothing is tried again)."""
+        with self._lock:
+            return self._refused is not None
+
+    def _raise_if_refused(self) -> None:
+        refused = self._refused  # lock held by the caller
+        if refused is not None:
+            raise AuthError(str(refused))
 
     def mark_doubtful(self, token: str) -> None:
         """An endpoint that hides auth failures answered empty with ``token``: its proof no longer holds."""
@@ -176,6 +203,8 @@ class TokenManager:
         """Start the background refresher (idempotent; call after the daemon fork)."""
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
+                return
+            if self._refused is not None:  # a refused password is never sent again
                 return
             self._stop.clear()
             self._thread = threading.Thread(target=self._refresher, name="nbiafs-token-refresher",
@@ -228,32 +257,35 @@ class TokenManager:
         skew = min(5.0, EXPIRY_SKEW_FRACTION * lifetime)
         return self._clock() < token.expires_at - skew
 
-    def _wait_for_login(self) -> NbiaError | None:
+    def _wait_for_login(self, deadline: Deadline | None) -> NbiaError | None:
         """Wait (lock held) for the renewal in flight; a copy of its error if it failed, else None.
 
         A waiter whose renewal failed raises that error instead of starting a renewal of its own:
         otherwise, with the server down, N waiting threads would run N full logins one after the
-        other. ServerError if the renewal takes longer than its attempts could.
+        other. ServerError when the caller's ``deadline`` passes first, or the renewal takes longer
+        than its attempts could.
         """
         # an attempt: headers within connect + read timeouts, the reply within as long again (plus
         # its last read); then the backoffs between attempts (at most 1 + 2 + 4... s, 5 s each)
         attempt = 2 * (self._timeout[0] + self._timeout[1]) + self._timeout[1]
         limit = attempt * LOGIN_ATTEMPTS + 5.0 * max(0, LOGIN_ATTEMPTS - 1) + LOGIN_WAIT_SLACK
+        if deadline is not None:
+            limit = deadline.cap(limit)
         waited_for = self._finished
         if not self._changed.wait_for(lambda: not self._in_flight, timeout=limit):
-            raise ServerError(f"timed out after {limit:g} s waiting for another thread's login "
+            raise ServerError(f"gave up after {limit:.3g} s waiting for another thread's login "
                               f"to {self.base_url}")
         failure = self._failure
         if self._finished != waited_for and failure is not None:
             return type(failure)(str(failure))  # a copy: each thread raises its own
         return None
 
-    def _renew_in_flight(self, old: Token | None, reason: str) -> Token:
+    def _renew_in_flight(self, old: Token | None, reason: str, deadline: Deadline | None = None) -> Token:
         """Obtain a new token; the caller has set ``_in_flight``. Clears it and wakes the waiters."""
         new: Token | None = None
         failure: NbiaError | None = None
         try:
-            new = self._obtain(old, reason)
+            new = self._obtain(old, reason, deadline)
             return new
         except NbiaError as exc:
             failure = exc
@@ -271,43 +303,67 @@ class TokenManager:
             if new is not None:
                 self._wake.set()
 
-    def _obtain(self, old: Token | None, reason: str) -> Token:
+    def _obtain(self, old: Token | None, reason: str, deadline: Deadline | None = None) -> Token:
         """Refresh grant when ``old`` has a live refresh token, else (or if refused) a password grant."""
         now = self._clock()
         if old is not None and old.refresh_token and (old.refresh_expires_at is None
                                                       or now < old.refresh_expires_at):
             try:
                 token = self._request_token({"grant_type": "refresh_token",
-                                             "refresh_token": old.refresh_token})
+                                             "refresh_token": old.refresh_token}, deadline)
                 log.info("token for %s refreshed (%s)", self.username, reason)
                 return token
             except AuthError:
                 log.info("the server refused the token refresh for %s; logging in again", self.username)
-        token = self._request_token({"grant_type": "password", "username": self.username,
-                                     "password": self.__password})
+        try:
+            token = self._request_token({"grant_type": "password", "username": self.username,
+                                         "password": self.__password}, deadline)
+        except AuthError as exc:
+            with self._lock:
+                self._refused = exc
+            self._stop.set()  # the refresher ends: a refused password is never sent again
+            self._wake.set()
+            # A first login's refusal is the caller's error to report; one after the account worked
+            # (password changed, account locked) is only seen in the running mount's log.
+            log.log(logging.ERROR if self._renewals else logging.INFO,
+                    "the server refused the password of NBIA user %r (%s): not trying it again; every "
+                    "call needing a login now fails with 'permission denied' until the mount is restarted "
+                    "with the right password", self.username, exc)
+            raise
         log.info("logged in to %s as %s (%s)", self.base_url, self.username, reason)
         return token
 
-    def _request_token(self, form: dict[str, str]) -> Token:
-        """POST the token endpoint (bounded retries for transient failures)."""
+    def _request_token(self, form: dict[str, str], deadline: Deadline | None = None) -> Token:
+        """POST the token endpoint (bounded retries for transient failures), within ``deadline``."""
         form = {**form, "client_id": CLIENT_ID}
         grant = form["grant_type"]
         last: NbiaError | None = None
+        # Without a caller (the refresher), one request's own bound: connect + read, the reply within as long
+        bound = deadline if deadline is not None else None
         for attempt in range(LOGIN_ATTEMPTS):
             if attempt:
                 delay = min(5.0, 0.5 * 2 ** (attempt - 1)) * self._rng.uniform(0.5, 1.0)
+                if bound is not None and delay >= bound.remaining():
+                    break
                 if self._stop.wait(delay):
                     break
+            reply_by = Deadline.after(2 * sum(self._timeout))
+            if bound is not None:
+                reply_by = Deadline(min(reply_by.at, time.monotonic() + bound.remaining()))
+                if reply_by.expired:
+                    last = last or ServerError(f"token request ({grant}) to {self.base_url}: no time left "
+                                               "within the caller's deadline")
+                    break
+            timeout = (reply_by.cap(self._timeout[0]), reply_by.cap(self._timeout[1]))
             sent_at = self._clock()
             try:
-                response = self._session.post(self.token_url, data=form, timeout=self._timeout,
-                                              stream=True)
+                response = self._session.post(self.token_url, data=form, timeout=timeout, stream=True)
                 # The read timeout bounds each wait for data, not the reply: a server sending a
                 # byte at a time could hold a login (and every thread waiting for it) for hours.
-                read_body_before(response, time.monotonic() + sum(self._timeout), time.monotonic)
+                read_body_before(response, reply_by)
             except BodyDeadlineError:
                 last = ServerError(f"token request ({grant}) to {self.base_url}: the reply was still "
-                                   f"arriving after {sum(self._timeout):g} s")
+                                   "arriving at the deadline")
                 log.debug("POST oauth/token (%s) -> reply too slow", grant)
                 continue
             except TRANSIENT_EXCEPTIONS as exc:
@@ -322,12 +378,17 @@ class TokenManager:
             if status == 429 or status >= 500:
                 last = ServerError(f"token request ({grant}) to {self.base_url}: server error {status}")
                 continue
+            if status == 404:  # no such endpoint: a server without logins (today's public TCIA may be one)
+                raise RemoteNotFoundError(f"{self.token_url} answered 404: this server has no login "
+                                          "(use --api v4, or a server that has accounts)", status=404)
             if status != 200:
                 raise AuthError(f"the server refused the {grant} grant for user {self.username!r} "
-                                f"({status}{_oauth_error(response)})")
+                                f"({status}{_oauth_error(response)})", status=status)
             return self._parse_token(response, sent_at)
-        assert last is not None or self._stop.is_set()
-        raise last if last is not None else ServerError("token request interrupted by stop()")
+        if last is None:
+            last = ServerError(f"token request ({grant}) to {self.base_url}: "
+                               + ("interrupted by stop()" if self._stop.is_set() else "no time left within the deadline"))
+        raise last
 
     def _parse_token(self, response: requests.Response, sent_at: float) -> Token:
         try:

@@ -1,20 +1,26 @@
 """The lazy tree: Collection / Patient / Study / Series directories and instance files as nodes.
 
 Owns: turning paths into :class:`Node` objects, listing a directory the first time it is needed
-(one metadata call per level, two per series with the drill-down), naming (via :mod:`nbiafs.naming`)
-and keeping listings (via :mod:`nbiafs.metacache`). Costs, which tests count:
+(one metadata call per level, two per study for the exact sizes of all its series), naming (via
+:mod:`nbiafs.naming`) and keeping listings (via :mod:`nbiafs.metacache`). Costs, which tests count:
 
-* listing ``/``, a collection, a patient or a study: one client call; a series: two
-  (``study_drilldown`` + ``image_drilldown``), or ``sop_instance_uids`` plus one probe per instance;
+* listing ``/``, a collection, a patient or a study: one client call; the first series of a study:
+  one drill-down pair (``study_drilldown`` + ``image_drilldown``) for every series of the study not
+  listed yet, the others then none; without a drill-down, ``sop_instance_uids`` plus one probe per
+  instance;
 * ``lookup`` of anything whose parent was listed, or of an unknown name in a listed parent: zero;
 * a deep ``lookup`` of a never-listed path lists each missing ancestor once;
 * concurrent listings of one directory: one call (single-flight per key in the metadata cache).
 
-Exact sizes: from ``getImageDrillDown``; where the drill-down is unavailable (``use_drilldown=False``,
-the advanced API refuses (Forbidden/BadRequest) or is missing (NotFound), or it does not know
-the series) sizes are learned by fetching each instance
+Exact sizes: from ``getImageDrillDown`` by the client's first working route (anonymous v4, then the
+token one: :meth:`nbiafs.client.NbiaClient.drilldown`); where no route works (``use_drilldown=False``,
+refused, missing, or it does not know the series) sizes are learned by fetching each instance
 through ``probe(series_uid, sop_uid) -> (size, instance_number)`` (the store does this and keeps the
-bytes). Without a probe that is a :class:`ProtocolError`: sizes are never guessed.
+bytes). Without a probe that is a :class:`ProtocolError`: sizes are never guessed. A size of 0 or
+less is unknown (the client drops it) and learned the same way, never shown as an empty file.
+
+Failures are errors, never absences: a listing that fails raises (EIO above), caches nothing, and
+the next lookup asks again; :class:`NotFoundError` (ENOENT) means only "not in a successful listing".
 
 Node identity: ``ino`` is a 63-bit blake2b hash of (namespace, kind, identifiers), stable across
 remounts and never 0 or 1 (1 is the root); ``mtime`` comes from metadata dates, never from now().
@@ -22,6 +28,7 @@ remounts and never 0 or 1 (1 is the root); ``mtime`` comes from metadata dates, 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -36,15 +43,15 @@ import cachetools
 
 from . import naming
 from .errors import (
-    BadRequestError,
-    ForbiddenError,
+    NbiaError,
     NotFoundError,
     OfflineError,
     ProtocolError,
-    TokenExpiredError,
+    ServerError,
 )
 from .metacache import MetadataCache
-from .records import Collection, DrillDownStudy, Instance, Patient, Series, Study
+from .records import Collection, DrillDown, Instance, Patient, Series, Study
+from .singleflight import Flight
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +67,13 @@ LISTINGS_MAXSIZE = 1024
 LISTINGS_MAX_NODES = 250_000
 #: Parallel probes when sizes must be learned by fetching (without the drill-down).
 PROBE_WORKERS = 8
+#: Series per drill-down pair: all the series of a study at once, in batches of this many.
+DRILLDOWN_BATCH = 200
+#: Drilled-down instances waiting for their series' listing (records, all series together) and for how long.
+DRILLED_MAX_RECORDS = 200_000
+DRILLED_TTL = 600.0
+#: A thread waiting for another thread's drill-down of the same study gives up after this long.
+DRILL_WAIT = 600.0
 
 Probe = Callable[[str, str], "tuple[int, int | None]"]
 
@@ -73,8 +87,7 @@ class _Client(Protocol):  # the part of NbiaClient the catalog uses
                study_uid: str | None = None, series_uid: str | None = None,
                modality: str | None = None) -> list[Series]: ...
     def sop_instance_uids(self, series_uid: str) -> list[str]: ...
-    def study_drilldown(self, series_uids: Sequence[str]) -> list[DrillDownStudy]: ...
-    def image_drilldown(self, series_pk_ids: Sequence[int]) -> list[Instance]: ...
+    def drilldown(self, series_uids: Sequence[str]) -> DrillDown | None: ...
 
 
 @dataclass(frozen=True)
@@ -164,7 +177,11 @@ class Catalog:
         least = max(1, LISTINGS_MAX_NODES // LISTINGS_MAXSIZE)  # so at most LISTINGS_MAXSIZE listings fit
         self._listings: cachetools.TTLCache[str, dict[str, Node]] = cachetools.TTLCache(
             LISTINGS_MAX_NODES, meta.ttl, getsizeof=lambda built: max(least, len(built) + 1))
-        self._lock = threading.Lock()  # guards _listings only
+        self._drilled: cachetools.TTLCache[str, list[Instance]] = cachetools.TTLCache(
+            DRILLED_MAX_RECORDS, DRILLED_TTL, getsizeof=lambda found: len(found) + 1)
+        self._drill_flights: dict[str, Flight[None]] = {}
+        self._wait_timeout = DRILL_WAIT
+        self._lock = threading.Lock()  # guards _listings, _drilled and _drill_flights
 
     # -- public -------------------------------------------------------------------------------
     def lookup(self, path: str) -> Node:
@@ -192,6 +209,24 @@ class Catalog:
         if node.kind != "instance":
             raise NotFoundError(f"not a DICOM instance file: {path}")
         return node
+
+    def correct_size(self, node: Node, true_size: int) -> Node:
+        """The server delivered ``node`` complete (by its own Content-Length) but of another size than
+        the metadata said: remember the true size, so stat shows it and the file is not fetched again
+        and again for a length it will never have. Logged once. Returns the corrected node."""
+        series_uid = node.series_uid
+        if node.kind != "instance" or series_uid is None or true_size == node.size:
+            return node
+        records = self.meta.get("instances", series_uid)
+        if isinstance(records, list):
+            fixed = [dataclasses.replace(i, size=true_size) if isinstance(i, Instance) and i.sop_uid == node.sop_uid
+                     else i for i in records]
+            self.meta.put("instances", series_uid, value=fixed)
+        with self._lock:
+            self._listings.pop(node.path.rsplit("/", 1)[0] or "/", None)
+        log.warning("%s: the server sends %d bytes, its metadata said %d; showing the true size from now on",
+                    node.path, true_size, node.size)
+        return dataclasses.replace(node, size=true_size)
 
     # -- listings -----------------------------------------------------------------------------
     def _listing(self, node: Node) -> dict[str, Node]:
@@ -311,11 +346,10 @@ class Catalog:
     def _fetch_instances(self, node: Node) -> list[Instance]:
         series_uid = node.series_uid
         assert series_uid is not None
-        instances = self._drilldown(series_uid) if self.use_drilldown else None
-        via_drilldown = instances is not None
+        instances = self._drilled_instances(node) if self.use_drilldown else None
         if instances is None:
-            instances = self._probe_all(series_uid, self.client.sop_instance_uids(series_uid))
-        elif any(i.size is None for i in instances):
+            return self._probe_all(series_uid, self.client.sop_instance_uids(series_uid))
+        if any(i.size is None for i in instances):
             sized = [i for i in instances if i.size is not None]
             unsized = [i for i in instances if i.size is None]
             log.info("drill-down gave no size for %d instances of %s; fetching them", len(unsized), series_uid)
@@ -324,7 +358,7 @@ class Catalog:
                                           else learned[i.sop_uid].number, learned[i.sop_uid].size,
                                           i.study_uid, i.image_pk_id) for i in unsized]
         expected = node.image_count
-        if via_drilldown and expected is not None and len({i.sop_uid for i in instances}) < expected:
+        if expected is not None and len({i.sop_uid for i in instances}) < expected:
             # The drill-down listed fewer instances than getSeries announced: ask the search API for
             # the full list and learn the missing ones by fetching, rather than hide files.
             known = {i.sop_uid for i in instances}
@@ -338,24 +372,76 @@ class Catalog:
                         series_uid, expected, len(instances))
         return instances
 
-    def _drilldown(self, series_uid: str) -> list[Instance] | None:
-        """Instances with exact sizes from the advanced API, or None when it cannot tell."""
+    def _drilled_instances(self, node: Node) -> list[Instance] | None:
+        """The drill-down's instances of ``node``'s series, or None when the drill-down cannot tell.
+
+        One pair of calls covers every series of the study not listed yet (the drill-downs take lists),
+        so a walk of a study costs two calls, not two per series; the siblings' answers wait in
+        ``_drilled`` (bounded, short-lived) until their own listing takes them.
+        """
+        series_uid = node.series_uid
+        assert series_uid is not None
+        with self._lock:
+            ready = self._drilled.pop(series_uid, None)
+        if ready is not None:
+            return ready
+        study = node.study_uid or ""
+        with self._lock:
+            flight = self._drill_flights.get(study)
+            leader = flight is None
+            if leader:
+                flight = self._drill_flights[study] = Flight()
+        assert flight is not None
+        if not leader:
+            flight.wait(self._wait_timeout, lambda: ServerError(
+                f"gave up waiting for the drill-down of study {study}"))
+            with self._lock:
+                ready = self._drilled.pop(series_uid, None)
+            if ready is not None:
+                return ready
+            return self._drill([series_uid]).get(series_uid)  # not in that batch (listed meanwhile)
         try:
-            studies = self.client.study_drilldown([series_uid])
-            pk = next((s.series_pk_id for st in studies for s in st.series if s.series_uid == series_uid), None)
-            if pk is None:
-                log.info("drill-down does not know series %s; falling back to getSOPInstanceUIDs", series_uid)
-                return None
-            found = self.client.image_drilldown([pk])
-        except (ForbiddenError, BadRequestError, NotFoundError, TokenExpiredError) as exc:
-            # refused, no such endpoint, or 401 even with a freshly renewed token: an account the
-            # advanced API does not serve (the search API, which the fallback uses, still checks it)
-            log.info("drill-down unavailable for %s (%s); falling back to getSOPInstanceUIDs", series_uid, exc)
-            return None
-        others = [i for i in found if i.series_uid != series_uid]
-        if others:
-            log.warning("drill-down of %s returned %d instances of other series; ignored", series_uid, len(others))
-        return [i for i in found if i.series_uid == series_uid and i.sop_uid]
+            batch = [series_uid] + [u for u in self._unlisted_siblings(node) if u != series_uid]
+            found = self._drill(batch[:DRILLDOWN_BATCH])
+            with self._lock:
+                for uid, instances in found.items():
+                    if uid != series_uid:
+                        try:
+                            self._drilled[uid] = instances
+                        except ValueError:  # bigger than the whole bound: drilled again when listed
+                            pass
+            flight.succeed(None)
+            return found.get(series_uid) if found else None
+        except BaseException as exc:
+            flight.fail(exc)
+            raise
+        finally:
+            with self._lock:
+                self._drill_flights.pop(study, None)
+            flight.done.set()
+
+    def _drill(self, series_uids: list[str]) -> dict[str, list[Instance]]:
+        """Drill down ``series_uids``: {series: instances} for the series a route knows ({} for none)."""
+        result = self.client.drilldown(series_uids)
+        if result is None:
+            log.info("no drill-down route answered for %d series; sizes will be learned by fetching",
+                     len(series_uids))
+            return {}
+        missing = [u for u in series_uids if u not in result.instances]
+        if missing:
+            log.info("the %s drill-down does not know %d of %d series; fetching those to learn sizes",
+                     result.route, len(missing), len(series_uids))
+        return result.instances
+
+    def _unlisted_siblings(self, node: Node) -> list[str]:
+        """Series UIDs of ``node``'s study whose instance listing is not cached yet."""
+        parent = node.path.rsplit("/", 1)[0] or "/"
+        try:
+            siblings = self.children(parent)
+        except NbiaError:  # the study listing itself failed: drill this series alone
+            return []
+        uids = [n.series_uid for n in siblings if n.kind == "series" and n.series_uid]
+        return [u for u in uids if self.meta.get("instances", u) is None]
 
     def _probe_all(self, series_uid: str, sop_uids: list[str]) -> list[Instance]:
         sop_uids = sorted({u for u in sop_uids if u})

@@ -10,7 +10,17 @@ import errno
 
 
 class NbiaError(Exception):
-    """Base class of every error nbiafs raises on purpose."""
+    """Base class of every error nbiafs raises on purpose.
+
+    Context travels as attributes, not only inside the message: ``status`` is the HTTP status the
+    server answered (None when there was no answer at all: refused, reset, timed out) and
+    ``endpoint`` the API endpoint of the call.
+    """
+
+    def __init__(self, message: str = "", *, status: int | None = None, endpoint: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.endpoint = endpoint
 
 
 class ConfigError(NbiaError):
@@ -30,7 +40,17 @@ class ForbiddenError(NbiaError):
 
 
 class NotFoundError(NbiaError):
-    """The object does not exist on the server (or an unknown name in the tree)."""
+    """A name that a successful listing does not hold: the only error that becomes ENOENT.
+
+    Only the tree (the catalog, the FUSE adapter) raises it. What the server says is missing is a
+    :class:`RemoteNotFoundError`, because a failure must never look like an absence.
+    """
+
+
+class RemoteNotFoundError(NbiaError):
+    """The server answered "not found" to a call: a 404 (a missing endpoint, a proxy's error page), or the
+    500 ``getSingleImage`` gives for an instance it does not deliver. EIO, never ENOENT: the name the
+    reader asked for came from a successful listing, so this is a failed call, not an absent file."""
 
 
 class BadRequestError(NbiaError):
@@ -72,6 +92,7 @@ class CacheFullError(NbiaError):
 _ERRNO: tuple[tuple[type[BaseException], int], ...] = (
     (ReadOnlyError, errno.EROFS),
     (NotFoundError, errno.ENOENT),
+    (RemoteNotFoundError, errno.EIO),
     (NotDirectoryError, errno.ENOTDIR),
     (IsDirectoryError, errno.EISDIR),
     (ForbiddenError, errno.EACCES),

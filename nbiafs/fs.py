@@ -8,16 +8,25 @@ caching policy of its own: listings and sizes come from :class:`nbiafs.catalog.C
 
 Threads (token refresher, store workers) are started in :meth:`NbiaFS.init`, i.e. inside the FUSE
 main loop, and stopped in :meth:`NbiaFS.destroy`, so nothing is lost if the process was forked
-before mounting.
+before mounting. libfuse calls Python from its own native threads, one fresh Python thread state per
+callback: nothing here keeps ``threading.local`` state between callbacks.
+
+A file whose bytes turn out longer or shorter than the metadata said (a complete body by its own
+Content-Length: the metadata was wrong) is opened with ``direct_io``, so the reader gets every true
+byte whatever size the kernel cached, and the kernel's cached attributes of that path are invalidated
+(``fuse_invalidate_path``, from a helper thread, never inside the request) so the next stat shows
+the true size.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import logging
 import os
 import stat
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -26,9 +35,7 @@ from .errors import (
     IsDirectoryError,
     NbiaError,
     NotDirectoryError,
-    NotFoundError,
     ReadOnlyError,
-    ServerError,
     errno_for,
 )
 
@@ -55,6 +62,7 @@ MAX_IDLE_THREADS = 16
 
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
+DEFAULT_UMASK = 0o022
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
@@ -108,18 +116,22 @@ class NbiaFS(fuse.Operations):
 
     def __init__(self, catalog: Any, store: Any, *, tokens: Any | None = None,
                  prefetch: bool = True, uid: int | None = None, gid: int | None = None,
-                 blksize: int = DEFAULT_BLKSIZE,
+                 umask: int = DEFAULT_UMASK, blksize: int = DEFAULT_BLKSIZE,
                  on_ready: Callable[[BaseException | None], None] | None = None,
-                 on_destroy: Callable[[], None] | None = None) -> None:
+                 on_destroy: Callable[[], None] | None = None,
+                 stop_first: Callable[[], None] | None = None) -> None:
         self.catalog = catalog
         self.store = store
         self.tokens = tokens
         self.prefetch_enabled = prefetch
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
+        self.dir_mode = stat.S_IFDIR | (0o555 & ~umask)
+        self.file_mode = stat.S_IFREG | (0o444 & ~umask)
         self.blksize = blksize
         self._on_ready = on_ready
         self._on_destroy = on_destroy
+        self._stop_first = stop_first
 
     # ------------------------------------------------------------------ lifecycle
     def init(self, path: str) -> None:
@@ -141,8 +153,11 @@ class NbiaFS(fuse.Operations):
             fuse.fuse_exit()
 
     def destroy(self, path: str) -> None:
-        """Stop the store's workers and the token refresher (logging out)."""
-        for name, stop in (("store", getattr(self.store, "close", None)),
+        """Stop everything: first ``stop_first`` (the HTTP client: it cuts transfers in flight, so no
+        worker is left waiting for a stalled server), then the store's workers, then the token
+        refresher (logging out)."""
+        for name, stop in (("HTTP client", self._stop_first),
+                           ("store", getattr(self.store, "close", None)),
                            ("tokens", getattr(self.tokens, "close", None))):
             if stop is None:
                 continue
@@ -162,7 +177,7 @@ class NbiaFS(fuse.Operations):
         is_dir = node.kind != "instance"
         size = 0 if is_dir else int(node.size)
         return {
-            "st_mode": DIR_MODE if is_dir else FILE_MODE,
+            "st_mode": self.dir_mode if is_dir else self.file_mode,
             "st_nlink": 2 if is_dir else 1,
             "st_ino": int(node.ino) & 0xFFFFFFFFFFFFFFFF,
             "st_size": size,
@@ -205,9 +220,13 @@ class NbiaFS(fuse.Operations):
         if node.kind == "instance":
             raise NotDirectoryError(path)
         children = self.catalog.children(path)
-        here = self._attrs(node)
-        entries: list[tuple[str, dict[str, Any], int]] = [(".", here, 0), ("..", {"st_mode": DIR_MODE}, 0)]
-        entries.extend((child.path.rsplit("/", 1)[-1], self._attrs(child), 0) for child in children)
+        # mfusepy hands libfuse only st_mode and st_ino of each entry (no readdirplus): nothing more is built.
+        entries: list[tuple[str, dict[str, Any], int]] = [
+            (".", {"st_mode": self.dir_mode, "st_ino": node.ino}, 0), ("..", {"st_mode": self.dir_mode}, 0)]
+        dir_mode, file_mode = self.dir_mode, self.file_mode
+        entries.extend((child.path.rsplit("/", 1)[-1],
+                        {"st_mode": file_mode if child.kind == "instance" else dir_mode, "st_ino": child.ino}, 0)
+                       for child in children)
         return entries
 
     # ------------------------------------------------------------------ files
@@ -218,14 +237,14 @@ class NbiaFS(fuse.Operations):
         node = self.catalog.lookup(path)
         if node.kind != "instance":
             raise IsDirectoryError(path)
-        try:
-            fi.fh = self.store.open(node)
-        except NotFoundError as exc:
-            # The catalog has just listed this instance, so "no such instance" from the server (its
-            # getSingleImage answers 500 for that) means it failed to deliver a file it announced:
-            # an I/O error, not a missing name (which would also contradict the stat the reader saw).
-            raise ServerError(f"{path}: listed, but the server did not deliver it ({exc})") from exc
-        fi.keep_cache = 1  # files never change: keep the kernel page cache across opens
+        fi.fh = self.store.open(node)
+        if self.store.size(fi.fh) != node.size:
+            # The true file differs from the size the metadata said (the store told the catalog): let
+            # every read through whatever size the kernel cached, and make the kernel forget that size.
+            fi.direct_io = 1
+            self._invalidate_soon(path)
+        else:
+            fi.keep_cache = 1  # files never change: keep the kernel page cache across opens
         if self.prefetch_enabled:
             self._prefetch_series_of(node)
         return 0
@@ -237,6 +256,24 @@ class NbiaFS(fuse.Operations):
             self.store.on_open(node, [n for n in siblings if n.kind == "instance"])
         except Exception:  # prefetch is an optimisation: never fail the open for it
             log.warning("could not schedule the prefetch of series %s", node.series_uid, exc_info=True)
+
+    def _invalidate_soon(self, path: str) -> None:
+        """Drop the kernel's cached attributes and pages of ``path`` once this request is answered."""
+        try:
+            handle = fuse._libfuse.fuse_get_context().contents.fuse
+        except (AttributeError, ValueError):  # not inside a libfuse callback (tests)
+            return
+        if not handle:
+            return
+        invalidate = fuse._libfuse.fuse_invalidate_path
+        invalidate.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        invalidate.restype = ctypes.c_int
+
+        def run() -> None:
+            code = invalidate(ctypes.c_void_p(handle), path.encode("utf-8", "surrogateescape"))
+            log.debug("invalidated the kernel's attributes of %s (%d)", path, code)
+
+        threading.Thread(target=run, name="nbiafs-invalidate", daemon=True).start()
 
     @_guarded
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
@@ -298,10 +335,10 @@ class NbiaFS(fuse.Operations):
 
 
 def mount_options(kernel_timeout: float, negative_timeout: float = DEFAULT_NEGATIVE_TIMEOUT, *,
-                  version: tuple[int, int] | None = None) -> dict[str, Any]:
+                  allow_other: bool = False, version: tuple[int, int] | None = None) -> dict[str, Any]:
     """The libfuse options of every nbiafs mount (read-only, long kernel caches, stable inodes), as the
     libfuse of ``version`` (default: the one loaded) accepts them."""
-    wanted = {
+    wanted: dict[str, Any] = {
         "ro": True,
         "fsname": "nbiafs",
         "subtype": "nbiafs",
@@ -314,12 +351,15 @@ def mount_options(kernel_timeout: float, negative_timeout: float = DEFAULT_NEGAT
         "max_threads": MAX_THREADS,
         "max_idle_threads": MAX_IDLE_THREADS,
     }
+    if allow_other:
+        wanted["allow_other"] = True
     return fuselib.check_options(wanted, version or fuselib.loaded_version(fuse))
 
 
 def serve(operations: NbiaFS, mountpoint: str, *, kernel_timeout: float,
-          negative_timeout: float = DEFAULT_NEGATIVE_TIMEOUT, debug: bool = False) -> None:
+          negative_timeout: float = DEFAULT_NEGATIVE_TIMEOUT, allow_other: bool = False,
+          debug: bool = False) -> None:
     """Mount and run the FUSE main loop in this process (multithreaded) until unmounted."""
     fuse.FUSE(operations, mountpoint, raw_fi=True, foreground=True, nothreads=False, debug=debug,
-              **mount_options(kernel_timeout, negative_timeout))
+              **mount_options(kernel_timeout, negative_timeout, allow_other=allow_other))
 

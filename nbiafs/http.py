@@ -5,11 +5,16 @@ What it owns:
   at most ``retries`` times, with exponential backoff and jitter, all inside one overall ``deadline``;
 - 401 handling: one token refresh (via the caller's ``on_unauthorized``) and one retry, then
   :class:`TokenExpiredError`; other 4xx are not retried;
+- one :class:`~nbiafs.deadline.Deadline` per call, handed to the token callbacks too, so getting or
+  renewing a token (or waiting for another thread's login) counts against the call that needed it;
 - turning every failure into an :mod:`nbiafs.errors` type whose message names the endpoint and UIDs;
 - a DEBUG log line per request (endpoint, params, status, ms). Headers are never logged, so the
   bearer token never reaches a log.
 
-Backoff waits on the ``closed`` event, so closing the client interrupts a waiting call at once.
+Backoff waits on the ``closed`` event, so closing the client interrupts a waiting call at once; and
+the session made by :func:`make_session` remembers its sockets, so :meth:`Transport.close` also cuts
+the transfers in flight (a worker blocked in ``recv`` on a stalled server returns at once: unmount
+does not wait out a read timeout).
 """
 
 from __future__ import annotations
@@ -17,25 +22,31 @@ from __future__ import annotations
 import email.utils
 import logging
 import random
+import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import requests
 import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from . import __version__
+from .deadline import Deadline
 from .errors import (
     BadRequestError,
     ForbiddenError,
     NbiaError,
-    NotFoundError,
     ProtocolError,
+    RemoteNotFoundError,
     ServerError,
     TokenExpiredError,
 )
+from .options import default
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +71,13 @@ class BodyDeadlineError(Exception):
     """The body of an answer was still arriving when the call's deadline passed."""
 
 
-def read_body_before(response: requests.Response, deadline: float, clock: Callable[[], float]) -> None:
-    """Read ``response``'s whole body into it, giving up once ``deadline`` (on ``clock``) has passed.
+class ClosedError(Exception):
+    """The client was closed while the body was arriving."""
+
+
+def read_body_before(response: requests.Response, deadline: Deadline,
+                     closed: threading.Event | None = None) -> None:
+    """Read ``response``'s whole body into it, giving up once ``deadline`` has passed.
 
     requests' own timeout bounds each wait for data, not the whole transfer: a server that sends a few
     bytes just under every read timeout could hold a reader for hours. ``read1`` returns as soon as
@@ -71,7 +87,10 @@ def read_body_before(response: requests.Response, deadline: float, clock: Callab
     chunks: list[bytes] = []
     try:
         while True:
-            if clock() > deadline:
+            if closed is not None and closed.is_set():
+                response.close()
+                raise ClosedError()
+            if deadline.expired:
                 response.close()
                 raise BodyDeadlineError()
             chunk = raw.read1(BODY_CHUNK, decode_content=True)
@@ -83,6 +102,8 @@ def read_body_before(response: requests.Response, deadline: float, clock: Callab
         raise requests.exceptions.ReadTimeout(str(exc)) from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:  # cut short, undecodable, TLS failure mid-body
         response.close()
+        if closed is not None and closed.is_set():
+            raise ClosedError() from None
         raise requests.exceptions.ChunkedEncodingError(str(exc)) from None
     response._content = b"".join(chunks)  # what requests itself stores once a body is read
     response._content_consumed = True
@@ -98,11 +119,11 @@ class Retryable(Exception):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How hard one call tries. Defaults match :class:`nbiafs.config.Settings`."""
+    """How hard one call tries. Defaults come from the options table (:mod:`nbiafs.options`)."""
 
-    retries: int = 4
-    backoff: float = 0.5
-    deadline: float = 120.0
+    retries: int = default("retries")
+    backoff: float = default("backoff")
+    deadline: float = default("deadline")
     #: No single wait is longer than this (before jitter).
     max_backoff: float = 30.0
 
@@ -112,17 +133,74 @@ class RetryPolicy:
         return base * rng.uniform(0.5, 1.0)
 
 
+class _Sockets:
+    """The live connections of one session, so that closing the client can cut transfers in flight."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conns: weakref.WeakSet[HTTPConnection] = weakref.WeakSet()
+
+    def add(self, conn: HTTPConnection) -> None:
+        with self._lock:
+            self._conns.add(conn)
+
+    def shutdown(self) -> int:
+        """Shut down every socket (both directions); a thread blocked on one returns at once."""
+        with self._lock:
+            conns = list(self._conns)
+        cut = 0
+        for conn in conns:
+            sock = getattr(conn, "sock", None)
+            if sock is None:
+                continue
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                cut += 1
+            except OSError:  # closed already
+                pass
+        return cut
+
+
+def _tracked(connection_cls: type[HTTPConnection], sockets: _Sockets) -> type[HTTPConnection]:
+    class Tracked(connection_cls):  # type: ignore[valid-type,misc]
+        def connect(self) -> None:
+            super().connect()
+            sockets.add(self)
+
+    return Tracked
+
+
+class _TrackingAdapter(requests.adapters.HTTPAdapter):
+    """An HTTPAdapter whose connections register with a :class:`_Sockets`."""
+
+    def __init__(self, sockets: _Sockets, **kwargs: Any) -> None:
+        self.sockets = sockets
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": type("TrackedHTTPPool", (HTTPConnectionPool,),
+                         {"ConnectionCls": _tracked(HTTPConnection, self.sockets)}),
+            "https": type("TrackedHTTPSPool", (HTTPSConnectionPool,),
+                          {"ConnectionCls": _tracked(HTTPSConnection, self.sockets)}),
+        }
+
+
 def make_session(pool_size: int) -> requests.Session:
     """A Session with a connection pool of ``pool_size`` per host and our User-Agent.
 
-    urllib3's own retries are off: this module decides what is retried.
+    urllib3's own retries are off: this module decides what is retried. The session's connections are
+    tracked (``session.nbiafs_sockets``) so that :meth:`Transport.close` can cut them.
     """
     session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_connections=max(1, pool_size),
-                                            pool_maxsize=max(1, pool_size), max_retries=0)
+    sockets = _Sockets()
+    adapter = _TrackingAdapter(sockets, pool_connections=max(1, pool_size), pool_maxsize=max(1, pool_size),
+                               max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.headers["User-Agent"] = USER_AGENT
+    session.nbiafs_sockets = sockets  # type: ignore[attr-defined]
     return session
 
 
@@ -185,35 +263,42 @@ class Transport:
         handle: Callable[[requests.Response], T],
         params: Mapping[str, Any] | None = None,
         data: Any = None,
-        token: Callable[[], str] | None = None,
-        on_unauthorized: Callable[[str], str] | None = None,
+        token: Callable[[Deadline], str] | None = None,
+        on_unauthorized: Callable[[str, Deadline], str] | None = None,
         status_errors: Mapping[int, Callable[[requests.Response], NbiaError]] | None = None,
         accept: Callable[[requests.Response], bool] | None = None,
         stream: bool = False,
+        deadline: Deadline | None = None,
     ) -> T:
         """Send until ``handle`` accepts an answer, the retries are spent or the deadline passes.
 
         ``what`` names the call in error messages ("getSingleImage for instance X of series Y").
-        ``token`` supplies the bearer token (None: anonymous). ``status_errors`` picks the error type
+        ``token(deadline)`` supplies the bearer token (None: anonymous) within the call's deadline, as
+        ``on_unauthorized(failed_token, deadline)`` renews it after a 401. ``status_errors`` picks the error type
         for a status (retried anyway if the status is 429/5xx). ``accept`` decides which answers go to
-        ``handle`` (default: 2xx). ``handle`` may raise :class:`Retryable` to try again.
+        ``handle`` (default: 2xx). ``handle`` may raise :class:`Retryable` to try again. ``deadline``
+        shares a caller's deadline (several calls that make one answer); the policy's own still holds.
         """
         policy = self.policy
-        deadline = self.clock() + policy.deadline
+        own = Deadline.after(policy.deadline, self.clock)
+        deadline = own if deadline is None else Deadline(min(own.at, deadline.at), self.clock)
         attempt = 0
         refreshed = False
         status_errors = status_errors or {}
         while True:
             if self.closed.is_set():
                 raise ServerError(f"{what}: the client was closed")
-            remaining = deadline - self.clock()
-            if remaining <= 0:
+            if deadline.expired:
                 raise ServerError(f"{what}: no answer within the {policy.deadline:g} s deadline")
             headers: dict[str, str] = {}
             bearer: str | None = None
             if token is not None:
-                bearer = token()
+                bearer = token(deadline)
                 headers["Authorization"] = f"Bearer {bearer}"
+                if deadline.expired:
+                    raise ServerError(f"{what}: no answer within the {policy.deadline:g} s deadline "
+                                      "(getting a token took it all)")
+            remaining = deadline.remaining()
             timeout = (min(self.timeout[0], remaining), min(self.timeout[1], remaining))
             started = self.clock()
             wait_hint: float | None = None
@@ -222,11 +307,15 @@ class Transport:
                 response = self.session.request(method, url, params=params, data=data, headers=headers,
                                                 timeout=timeout, stream=True)
                 if not stream:
-                    read_body_before(response, deadline, self.clock)
+                    read_body_before(response, deadline, self.closed)
+            except ClosedError:
+                raise ServerError(f"{what}: the client was closed") from None
             except BodyDeadlineError:
                 raise ServerError(f"{what}: the answer was still arriving at the {policy.deadline:g} s "
                                   "deadline (a server sending too slowly)") from None
             except TRANSIENT_EXCEPTIONS as exc:
+                if self.closed.is_set():  # close() cut the connection under us
+                    raise ServerError(f"{what}: the client was closed") from None
                 log.debug("%s %s params=%s data=%s -> %s after %.0f ms", method, endpoint, params,
                           _summarise(data), type(exc).__name__, (self.clock() - started) * 1000)
                 failure = _transport_failure(what, exc)
@@ -255,7 +344,7 @@ class Transport:
                     if on_unauthorized is not None and not refreshed:
                         refreshed = True
                         log.debug("%s: 401, refreshing the token once and retrying", endpoint)
-                        on_unauthorized(bearer)
+                        on_unauthorized(bearer, deadline)
                         continue
                     raise TokenExpiredError(f"{what}: the server still answers 401 Unauthorized "
                                             "after a token refresh")
@@ -272,33 +361,46 @@ class Transport:
             delay = self._jittered(attempt)
             if wait_hint is not None:
                 delay = max(delay, wait_hint)
-            if self.clock() + delay > deadline:
+            if delay > deadline.remaining():
                 raise type(failure)(f"{failure} (gave up: retrying would pass the "
                                     f"{policy.deadline:g} s deadline)")
             log.debug("%s: attempt %d failed (%s); retrying in %.2f s", endpoint, attempt, failure, delay)
             if self.closed.wait(delay):
                 raise ServerError(f"{what}: the client was closed")
 
+    def close(self) -> None:
+        """Stop every call: waiting ones at once, transfers in flight by cutting their sockets."""
+        self.closed.set()
+        sockets = getattr(self.session, "nbiafs_sockets", None)
+        if sockets is not None:
+            cut = sockets.shutdown()
+            if cut:
+                log.debug("closed the client: cut %d connection(s) in flight", cut)
+
     @staticmethod
     def _status_error(response: requests.Response, what: str,
                       status_errors: Mapping[int, Callable[[requests.Response], NbiaError]]) -> NbiaError:
         status = response.status_code
         special = status_errors.get(status)
+        error: NbiaError
         if special is not None:
-            return special(response)
-        if status == 429:
-            return ServerError(f"{what}: the server is busy (429 Too Many Requests)")
-        if status >= 500:
-            return ServerError(f"{what}: server error {status}")
-        if status == 403:
-            return ForbiddenError(f"{what}: access denied (403)")
-        if status == 404:
-            return NotFoundError(f"{what}: not found (404)")
-        if status == 401:
-            return TokenExpiredError(f"{what}: 401 Unauthorized")
-        if 300 <= status < 400:
-            return ProtocolError(f"{what}: unexpected redirect {status} to {response.headers.get('Location')!r}")
-        return BadRequestError(f"{what}: the server rejected the request ({status})")
+            error = special(response)
+        elif status == 429:
+            error = ServerError(f"{what}: the server is busy (429 Too Many Requests)")
+        elif status >= 500:
+            error = ServerError(f"{what}: server error {status}")
+        elif status == 403:
+            error = ForbiddenError(f"{what}: access denied (403)")
+        elif status == 404:
+            error = RemoteNotFoundError(f"{what}: the server answered 404 Not Found")
+        elif status == 401:
+            error = TokenExpiredError(f"{what}: 401 Unauthorized")
+        elif 300 <= status < 400:
+            error = ProtocolError(f"{what}: unexpected redirect {status} to {response.headers.get('Location')!r}")
+        else:
+            error = BadRequestError(f"{what}: the server rejected the request ({status})")
+        error.status = status
+        return error
 
 
 def _transport_failure(what: str, exc: BaseException) -> NbiaError:

@@ -243,6 +243,12 @@ def series_size_from(rows: list[Row]) -> SeriesSize | None:
     return SeriesSize(total_bytes=total, object_count=count)
 
 
+def size_or_none(value: Any) -> int | None:
+    """A byte size; 0 or less (or unreadable) is unknown: never shown as an empty file."""
+    size = int_or_none(value)
+    return size if size is not None and size > 0 else None
+
+
 def drilldown_series_from(row: Row) -> DrillDownSeries | None:
     series_uid = text_or_none(_first(row, "seriesUID", "seriesId"))
     pk = int_or_none(row.get("seriesPkId"))
@@ -255,7 +261,7 @@ def drilldown_series_from(row: Row) -> DrillDownSeries | None:
         patient_id=text_or_none(row.get("patientId")),
         collection=text_or_none(row.get("project")),
         number_images=int_or_none(row.get("numberImages")),
-        exact_size=int_or_none(_first(row, "exactSize", "totalSizeForAllImagesInSeries")),
+        exact_size=size_or_none(_first(row, "exactSize", "totalSizeForAllImagesInSeries")),
         modality=text_or_none(row.get("modality")),
         description=text_or_none(row.get("description")),
         series_number=text_or_none(row.get("seriesNumber")),
@@ -263,7 +269,7 @@ def drilldown_series_from(row: Row) -> DrillDownSeries | None:
 
 
 def drilldown_study_from(row: Row) -> DrillDownStudy | None:
-    study_uid = text_or_none(row.get("studyId"))
+    study_uid = text_or_none(_first(row, "studyId", "studyInstanceUid", "studyInstanceUID", "StudyInstanceUID"))
     if not study_uid:
         return None
     raw_series = row.get("seriesList")
@@ -278,15 +284,15 @@ def drilldown_study_from(row: Row) -> DrillDownStudy | None:
 
 def instance_from_drilldown(row: Row) -> Instance | None:
     """One ``getImageDrillDown`` object (its ``acquisitionNumber`` is buggy and ignored)."""
-    sop_uid = text_or_none(row.get("sopInstanceUid"))
-    series_uid = text_or_none(row.get("seriesInstanceUid"))
+    sop_uid = text_or_none(_first(row, "sopInstanceUid", "sopInstanceUID", "SOPInstanceUID"))
+    series_uid = text_or_none(_first(row, "seriesInstanceUid", "seriesInstanceUID", "SeriesInstanceUID"))
     if not sop_uid or not series_uid:
         return None
     return Instance(
         sop_uid=sop_uid,
         series_uid=series_uid,
         number=int_or_none(row.get("instanceNumber")),
-        size=int_or_none(row.get("size")),
+        size=size_or_none(row.get("size")),
         study_uid=text_or_none(row.get("studyInstanceUid")),
         image_pk_id=int_or_none(row.get("imagePkId")),
     )

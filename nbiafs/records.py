@@ -122,6 +122,14 @@ class Instance:
     image_pk_id: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class DrillDown:
+    """Exact instances per series from one drill-down route (series it does not know are absent)."""
+
+    route: str  # "v4" (anonymous) or "advanced" (token)
+    instances: dict[str, list[Instance]]
+
+
 @dataclass(frozen=True)
 class CollectionDescription:
     """``getCollectionDescriptions``."""

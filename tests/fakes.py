@@ -25,10 +25,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from nbiafs.errors import NotFoundError, ServerError
+from nbiafs.client import drill_down
+from nbiafs.errors import NotFoundError, RemoteNotFoundError, ServerError
 from nbiafs.records import (
     Collection,
     CollectionDescription,
+    DrillDown,
     DrillDownSeries,
     DrillDownStudy,
     Instance,
@@ -177,6 +179,7 @@ class FakeNbiaClient:
         self._lock = threading.Lock()
         self._failures: dict[str, list[_Failure]] = {}
         self._gates: dict[str, list[Gate]] = {}
+        self.absent_routes: set[str] = set()
 
     # -- test controls ------------------------------------------------------------------------
     def fail(self, method: str, error: BaseException | type[BaseException] | Callable[[], BaseException],
@@ -283,10 +286,10 @@ class FakeNbiaClient:
         self._enter("single_image", series_uid, sop_uid, expected_size)
         if sop_uid not in self.archive.data or all(i.sop_uid != sop_uid for i in
                                                    self.archive.instances_of(series_uid)):
-            raise NotFoundError(f"no instance {sop_uid} in series {series_uid}")
+            raise RemoteNotFoundError(f"no instance {sop_uid} in series {series_uid}")
         return self.archive.data[sop_uid]
 
-    def image_zip(self, series_uid: str, *, new_file_names: bool = False,
+    def image_zip(self, series_uid: str, *, new_file_names: bool = False, include_md5: bool = False,
                   expected_count: int | None = None) -> Iterator[tuple[ZipMember | str, Iterator[bytes]]]:
         self._enter("image_zip", series_uid, new_file_names, expected_count)
         ordered = sorted(self.archive.instances_of(series_uid),
@@ -304,11 +307,23 @@ class FakeNbiaClient:
     def md5_for_image(self, sop_uid: str) -> str:
         self._enter("md5_for_image", sop_uid)
         if sop_uid not in self.archive.data:
-            raise NotFoundError(f"no instance {sop_uid}")
+            raise RemoteNotFoundError(f"no instance {sop_uid}")
         return hashlib.md5(self.archive.data[sop_uid]).hexdigest()
 
     # -- advanced API -------------------------------------------------------------------------
-    def study_drilldown(self, series_uids: Sequence[str]) -> list[DrillDownStudy]:
+    # -- drill-downs: the client's route logic (nbiafs.client.drill_down) over the fake's answers --
+    routes: tuple[str, ...] = ("advanced",)
+
+    def drilldown_routes(self) -> list[str]:
+        return [r for r in self.routes if r not in self.absent_routes]
+
+    def mark_route_absent(self, route: str) -> None:
+        self.absent_routes.add(route)
+
+    def drilldown(self, series_uids: Sequence[str]) -> DrillDown | None:
+        return drill_down(self, series_uids)
+
+    def study_drilldown(self, series_uids: Sequence[str], route: str = "advanced") -> list[DrillDownStudy]:
         self._enter("study_drilldown", tuple(series_uids))
         by_study: dict[str, list[DrillDownSeries]] = {}
         for s in self.archive.series:
@@ -326,7 +341,7 @@ class FakeNbiaClient:
                                             series=tuple(entries))
                              for uid, entries in by_study.items()])
 
-    def image_drilldown(self, series_pk_ids: Sequence[int]) -> list[Instance]:
+    def image_drilldown(self, series_pk_ids: Sequence[int], route: str = "advanced") -> list[Instance]:
         self._enter("image_drilldown", tuple(series_pk_ids))
         wanted = {uid for uid, pk in self.archive.series_pk.items() if pk in series_pk_ids}
         return self._answer([i for i in self.archive.instances if i.series_uid in wanted])

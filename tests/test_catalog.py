@@ -16,6 +16,7 @@ from nbiafs.errors import (
     BadRequestError,
     ForbiddenError,
     NotFoundError,
+    RemoteNotFoundError,
     OfflineError,
     ProtocolError,
     ServerError,
@@ -338,7 +339,7 @@ def test_without_drilldown_sizes_are_learned_by_probing(fake, metas):
 
 @pytest.mark.parametrize("method,error", [("study_drilldown", ForbiddenError("advanced API refused")),
                                           ("image_drilldown", BadRequestError("400")),
-                                          ("study_drilldown", NotFoundError("404: no such endpoint"))])
+                                          ("study_drilldown", RemoteNotFoundError("404: no such endpoint"))])
 def test_refused_drilldown_falls_back_to_probing(fake, metas, method, error):
     fake.fail(method, error)
     probe = Probe(fake.archive)
@@ -346,7 +347,7 @@ def test_refused_drilldown_falls_back_to_probing(fake, metas, method, error):
 
 
 def test_series_missing_from_the_drilldown_falls_back_to_probing(fake, metas, monkeypatch):
-    monkeypatch.setattr(fake, "study_drilldown", lambda uids: [])
+    monkeypatch.setattr(fake, "study_drilldown", lambda uids, route="advanced": [])
     probe = Probe(fake.archive)
     check_probed_listing(Catalog(fake, metas(None), probe=probe), fake, probe)
 
@@ -361,8 +362,8 @@ def test_without_drilldown_or_probe_sizes_are_never_guessed(fake, metas):
 def test_drilldown_instances_without_size_are_probed(fake, metas, monkeypatch):
     real = fake.image_drilldown
     monkeypatch.setattr(fake, "image_drilldown",
-                        lambda pks: [i if i.number != 2 else type(i)(i.sop_uid, i.series_uid, 2, None)
-                                     for i in real(pks)])
+                        lambda pks, route="advanced": [i if i.number != 2 else type(i)(i.sop_uid, i.series_uid, 2, None)
+                                                       for i in real(pks)])
     probe = Probe(fake.archive)
     cat = Catalog(fake, metas(None), probe=probe)
     files = cat.children(series_path(cat))
@@ -374,14 +375,15 @@ def test_image_count_mismatch_is_logged(fake, metas, caplog, monkeypatch):
     real_drill = fake.image_drilldown
     kept: set[str] = set()
 
-    def short_drilldown(pks):
-        found = real_drill(pks)[:2]
+    def short_drilldown(pks, route="advanced"):
+        found = [i for i in real_drill(pks) if i.series_uid == series_uid][:2]
         kept.update(i.sop_uid for i in found)
         return found
 
     monkeypatch.setattr(fake, "image_drilldown", short_drilldown)
     monkeypatch.setattr(fake, "sop_instance_uids", lambda uid: sorted(kept))  # the search API agrees
     cat = Catalog(fake, metas(None))
+    series_uid = cat.lookup(series_path(cat)).series_uid
     with caplog.at_level(logging.WARNING, logger="nbiafs.catalog"):
         assert len(cat.children(series_path(cat))) == 2
     assert "announced 3 images but lists 2" in caplog.text
@@ -389,7 +391,8 @@ def test_image_count_mismatch_is_logged(fake, metas, caplog, monkeypatch):
 
 def test_a_short_drilldown_is_completed_from_the_search_api_by_probing(fake, metas, monkeypatch):
     real = fake.image_drilldown
-    monkeypatch.setattr(fake, "image_drilldown", lambda pks: real(pks)[:1])
+    monkeypatch.setattr(fake, "image_drilldown", lambda pks, route="advanced": [
+        i for i in real(pks) if i.number == 1])
     probe = Probe(fake.archive)
     cat = Catalog(fake, metas(None), probe=probe)
     files = cat.children(series_path(cat))
@@ -448,7 +451,8 @@ def test_offline_without_a_cached_listing_is_an_offline_error(fake, cache_dir, m
 
 # -- against the emulator, through the real client ---------------------------------------------------
 
-def test_real_client_tree_has_exact_sizes_one_request_per_level_and_none_after_remount(make_emulator, tmp_path):
+def test_real_client_tree_has_exact_sizes_one_request_per_level_and_two_per_study_and_none_after_remount(
+        make_emulator, tmp_path):
     from nbiafs.client import NbiaClient
 
     emulator = make_emulator()  # its own: the shared one's request counts belong to other tests
@@ -466,8 +470,9 @@ def test_real_client_tree_has_exact_sizes_one_request_per_level_and_none_after_r
         assert spent["getPatient"] == directories["collection"]
         assert spent["getPatientStudy"] == directories["patient"]
         assert spent["getSeries"] == directories["study"]
-        assert spent["getStudyDrillDownWithSeriesIds"] == directories["series"]
-        assert spent["getImageDrillDown"] == directories["series"]
+        # one drill-down pair per study gives the exact sizes of all its series
+        assert spent["getStudyDrillDownWithSeriesIds"] == directories["study"]
+        assert spent["getImageDrillDown"] == directories["study"]
         files = [n for n in tree.values() if n.kind == "instance"]
         for node in files[:: max(1, len(files) // 5)]:
             assert node.size == len(client.single_image(node.series_uid, node.sop_uid))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import threading
@@ -20,10 +21,11 @@ from nbiafs.errors import (
     BadRequestError,
     ForbiddenError,
     IntegrityError,
-    NotFoundError,
     ProtocolError,
+    RemoteNotFoundError,
     ServerError,
     TokenExpiredError,
+    errno_for,
 )
 
 BASE = "http://127.0.0.1:9"
@@ -73,6 +75,7 @@ def tokens(rsps):
 
 
 def make_client(tokens=None, **kw) -> NbiaClient:
+    kw.setdefault("api", "v2")  # the v2 traps; the auto choice is tested on its own
     kw.setdefault("retries", 3)
     kw.setdefault("backoff", 0.001)
     kw.setdefault("deadline", 10.0)
@@ -375,11 +378,12 @@ def test_single_image_returns_bytes(rsps, tokens):
     assert query == {"SeriesInstanceUID": ["1.2"], "SOPInstanceUID": ["9.1"]}
 
 
-def test_single_image_500_is_not_found_after_retries(rsps, tokens):
+def test_single_image_500_is_an_io_error_not_a_missing_file_after_retries(rsps, tokens):
     rsps.get(f"{V2}/getSingleImage", status=500)
-    with pytest.raises(NotFoundError, match="9.1"):
+    with pytest.raises(RemoteNotFoundError, match="9.1") as excinfo:
         make_client(tokens, retries=2).single_image("1.2", "9.1")
     assert len(calls_to(rsps, "getSingleImage")) == 3
+    assert errno_for(excinfo.value) == errno.EIO  # the listing announced it: never ENOENT
 
 
 def test_single_image_wrong_size_is_retried_then_integrity_error(rsps, tokens):
@@ -628,7 +632,7 @@ def test_emulator_tree_sizes_and_bytes_agree(make_emulator):
 def test_emulator_expired_token_hidden_behind_empty_answer_is_renewed(make_emulator):
     emu = make_emulator()
     clock = FakeClock()
-    client = NbiaClient(emu.url, TokenManager(emu.url, clock=clock), retries=2, backoff=0.01, deadline=20)
+    client = NbiaClient(emu.url, TokenManager(emu.url, clock=clock), api="v2", retries=2, backoff=0.01, deadline=20)
     try:
         collection, patient, _study, _series = walk_first_series(client)
         expected = client.patients(collection)

@@ -10,7 +10,7 @@ import pytest
 from nbiafs.auth import TokenManager
 from nbiafs.client import NbiaClient
 from nbiafs.emulator import TEST_PASSWORD, TEST_USER
-from nbiafs.errors import ForbiddenError, NotFoundError, ProtocolError
+from nbiafs.errors import ForbiddenError, RemoteNotFoundError, ProtocolError
 
 
 def make_client(emu, user: str = "nbia_guest", password: str = "", api: str = "v2") -> NbiaClient:
@@ -57,7 +57,7 @@ def test_client_bytes_equal_the_stored_files(guest_client: NbiaClient, archive) 
     inst = archive.instances_of(archive.series[1].uid)[0]
     assert guest_client.single_image(inst.series_uid, inst.sop_uid, inst.size) == inst.path.read_bytes()
     assert guest_client.md5_for_image(inst.sop_uid) == inst.md5
-    with pytest.raises(NotFoundError):
+    with pytest.raises(RemoteNotFoundError):
         guest_client.single_image(inst.series_uid, "1.2.3.4")
 
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from nbiafs import fs as fsmod
-from nbiafs.errors import ForbiddenError, NotFoundError, OfflineError, ServerError
+from nbiafs.errors import ForbiddenError, NotFoundError, OfflineError, RemoteNotFoundError, ServerError
 from nbiafs.fs import NbiaFS
 
 mfusepy = fsmod.fuse  # mfusepy as nbiafs bound it (to libfuse3)
@@ -71,11 +71,18 @@ class FakeStore:
     on_open_calls: list[tuple[str, list[str]]] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
 
+    sizes: dict[int, int] = field(default_factory=dict)
+
     def open(self, node: N) -> int:
         if self.open_error:
             raise self.open_error
         self.opened.append(node.path)
-        return 40 + len(self.opened)
+        handle = 40 + len(self.opened)
+        self.sizes[handle] = node.size
+        return handle
+
+    def size(self, handle: int) -> int:
+        return self.sizes[handle]
 
     def read(self, handle: int, size: int, offset: int) -> bytes:
         return bytes([handle]) * size
@@ -133,7 +140,8 @@ def test_readdir_lists_children_with_their_attributes() -> None:
     ops, _, _ = make()
     entries = {name: attrs for name, attrs, _ in ops.readdir(SERIES, 0)}
     assert set(entries) == {".", "..", "1-001.dcm", "1-002.dcm", "1-003.dcm"}
-    assert entries["1-003.dcm"]["st_size"] == 1003 and entries["1-003.dcm"]["st_ino"] == 13
+    # mfusepy passes libfuse only st_mode and st_ino of an entry: nothing else is built
+    assert entries["1-003.dcm"] == {"st_mode": stat.S_IFREG | 0o444, "st_ino": 13}
     assert stat.S_ISDIR(entries["."]["st_mode"])
 
 
@@ -189,7 +197,7 @@ def test_a_failing_prefetch_does_not_fail_the_open() -> None:
 
 
 def test_an_instance_the_server_will_not_deliver_is_eio_not_enoent() -> None:
-    ops, _, _ = make(store=FakeStore(open_error=NotFoundError("getSingleImage: 500")))
+    ops, _, _ = make(store=FakeStore(open_error=RemoteNotFoundError("getSingleImage: 500")))
     with pytest.raises(mfusepy.FuseOSError) as e:
         ops.open(f"{SERIES}/1-001.dcm", fi())
     assert errno_of(e) == errno.EIO
@@ -197,6 +205,7 @@ def test_an_instance_the_server_will_not_deliver_is_eio_not_enoent() -> None:
 
 @pytest.mark.parametrize(("exc", "code"), [
     (NotFoundError("x"), errno.ENOENT),
+    (RemoteNotFoundError("x"), errno.EIO),
     (ForbiddenError("x"), errno.EACCES),
     (ServerError("x"), errno.EIO),
     (OfflineError("x"), errno.EIO),
@@ -210,7 +219,7 @@ def test_every_exception_becomes_the_errno_of_the_single_table(exc: Exception, c
     assert errno_of(e) == code
     with pytest.raises(mfusepy.FuseOSError) as e:
         ops.open(f"{SERIES}/1-001.dcm", fi())
-    assert errno_of(e) == (errno.EIO if isinstance(exc, NotFoundError) else code)
+    assert errno_of(e) == code
 
 
 def test_unexpected_errors_are_logged_with_traceback_expected_ones_are_not(caplog) -> None:

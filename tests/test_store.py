@@ -259,17 +259,27 @@ def test_slow_fetch_does_not_block_another_file(make_store, client):
 # ------------------------------------------------------------------ integrity
 
 
-def test_short_body_raises_integrity_error_and_caches_nothing(make_store, client):
-    store = make_store()
-    n = node(3)
-    good = body(client, n)
-    client.archive.data[n.sop_uid] = good[:-10]
-    with pytest.raises(IntegrityError):
-        store.open(n)
-    assert not store.contains(n)
-    client.archive.data[n.sop_uid] = good
-    assert read_all(store, n) == good
-    assert fetches(client, n) == 2
+def test_a_complete_body_of_another_length_is_kept_served_whole_and_reported_once(tmp_path, client):
+    # The client returns only bodies complete by their own Content-Length: a length other than the
+    # metadata's means the metadata was wrong. Fetching again would give the same bytes, again and again.
+    from nbiafs.store import InstanceStore
+
+    reported = []
+    store = InstanceStore(client, tmp_path / "c", size_limit=50 * 1024**2, namespace="ns", workers=0,
+                          on_size_mismatch=lambda ref, true_size: reported.append((ref.sop_uid, true_size)))
+    try:
+        n = node(3)
+        true = body(client, n)[:-10]
+        client.archive.data[n.sop_uid] = true
+        handle = store.open(n)
+        assert store.size(handle) == len(true) and store.read(handle, 1 << 20, 0) == true
+        store.release(handle)
+        assert reported == [(n.sop_uid, len(true))]
+        corrected = node(3, size=len(true))  # what the catalog shows from now on
+        assert read_all(store, corrected) == true
+        assert fetches(client, n) == 1 and store.stats().size_mismatches == 1
+    finally:
+        store.close()
 
 
 def test_truncated_cache_file_is_dropped_and_refetched(make_store, client):
@@ -643,22 +653,30 @@ def test_probe_fetches_once_caches_and_reads_the_instance_number(tmp_path):
         assert client.calls == 1
 
 
-def test_opener_joining_a_probe_of_another_length_gets_integrity_error_not_the_bytes(make_store, client, waiters):
-    # A probe fetches without a known size (nothing to check against); an open that joins it knows
-    # the exact size. Bytes of another length must not reach the opener, not even from memory.
+def test_opener_joining_a_probe_of_another_length_gets_the_true_bytes_and_length(make_store, client, waiters):
+    # A probe fetches without a known size; an open that joins it knows a size (the metadata's). The
+    # bytes are the server's complete file: the opener gets them whole, and the store says how long
+    # they are (the FUSE layer then reads past the stale st_size).
     store = make_store()
     n = node(3, size=4000)  # the server holds 5000 bytes for this instance
     gate = hold(client, n)
     probing = in_thread(store.probe, SERIES, n.sop_uid)
     assert gate.wait_entered(1)
-    opening = in_thread(read_all, store, n)
+
+    def read_whole(ref: Node) -> bytes:
+        h = store.open(ref)
+        try:
+            return store.read(h, store.size(h), 0)
+        finally:
+            store.release(h)
+
+    opening = in_thread(read_whole, n)
     waiters.wait_for(1)
     gate.release()
     for t, _ in (probing, opening):
         t.join(WAIT)
     assert probing[1].get("value", (None,))[0] == 5000
-    assert "value" not in opening[1], "bytes of the wrong length were served"
-    assert isinstance(opening[1].get("error"), IntegrityError)
+    assert len(opening[1]["value"]) == 5000
 
 
 def test_prefetch_of_a_series_larger_than_the_cache_stops_at_half_the_bound(tmp_path):
