@@ -1,7 +1,9 @@
 """Command-line parsing for ``nbiafs``: builds arguments and hands them to the module that owns each command.
 
-Commands: ``mount``, ``unmount``, ``demo`` (see :mod:`nbiafs.mountcmd`) and ``emulator``
-(see :mod:`nbiafs.emulator.command`). Nothing here talks to a server or touches FUSE.
+Commands: ``mount``, ``unmount`` (:mod:`nbiafs.mountcmd`), ``demo`` (:mod:`nbiafs.demo`), ``config``
+(the effective settings and where each came from) and ``emulator`` (:mod:`nbiafs.emulator.command`).
+Every option flag comes from the table in :mod:`nbiafs.options`. Nothing here talks to a server or
+touches FUSE.
 """
 
 from __future__ import annotations
@@ -11,33 +13,23 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import __version__, options
 from .errors import NbiaError
 
 log = logging.getLogger(__name__)
 
 
-def _add_mount_options(p: argparse.ArgumentParser) -> None:
+def _add_config_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="config file (default: ~/.config/nbiafs/config.toml, or $NBIAFS_CONFIG)")
+
+
+def _add_mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("mountpoint", help="existing directory to mount on")
-    p.add_argument("--server", default="public",
-                   help="public, nlst, or a base URL before /nbia-api (e.g. http://127.0.0.1:8080)")
-    p.add_argument("--user", default=None,
-                   help="NBIA account (default: the guest account); password from NBIA_PASSWORD or a prompt")
-    p.add_argument("--cache-dir", default=None, help="cache directory (default: the user cache dir)")
-    p.add_argument("--cache-size", default=None, help="instance cache bound, e.g. 500M, 20G (default 10G)")
-    p.add_argument("--layout", choices=("descriptive", "uid"), default="descriptive",
-                   help="folder names: NBIA Data Retriever style (default) or raw UIDs")
-    p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
-    p.add_argument("--offline", action="store_true", help="serve only what is cached; never call the server")
-    p.add_argument("--log-file", default=None, help="write the log here")
-    p.add_argument("--log-level", default="WARNING",
-                   choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper)
-    p.add_argument("--workers", type=int, default=8, help="parallel downloads (default 8)")
-    p.add_argument("--api", choices=("v2", "v4"), default="v2",
-                   help="search API: v2 with a token (default) or v4 anonymous")
-    p.add_argument("--no-prefetch", action="store_true",
-                   help="do not fetch the rest of a series in the background after one file is opened")
+    options.add_flags(p, ("server", "cache", "mount", "log"))
+    _add_config_flag(p)
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--password-fd", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,15 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p_mount = sub.add_parser("mount", help="mount an NBIA server on a directory")
-    _add_mount_options(p_mount)
+    _add_mount_arguments(p_mount)
 
     p_unmount = sub.add_parser("unmount", help="unmount an nbiafs mount")
     p_unmount.add_argument("mountpoint")
     p_unmount.add_argument("--lazy", "-z", action="store_true", help="detach now, clean up when not busy")
 
     p_demo = sub.add_parser("demo", help="start the bundled emulator and mount its sample archive")
-    _add_mount_options(p_demo)
-    p_demo.set_defaults(server=None)
+    _add_mount_arguments(p_demo)
+
+    p_config = sub.add_parser("config", help="print the effective settings and where each comes from")
+    options.add_flags(p_config, options.GROUPS)
+    _add_config_flag(p_config)
 
     p_emu = sub.add_parser("emulator", help="run the NBIA-compatible emulator with its sample archive")
     p_emu.add_argument("--port", type=int, default=8080, help="TCP port (0 = any free port)")
@@ -88,23 +83,55 @@ def _setup_logging(level: str, log_file: str | None = None) -> None:
     )
 
 
+def _logging_from(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The log level and file a command asked for (flags and environment; the config file once read)."""
+    import os
+
+    level = getattr(args, "log_level", None) or os.environ.get(options.option("log_level").env) or "WARNING"
+    log_file = getattr(args, "log_file", None) or os.environ.get(options.option("log_file").env)
+    return level.upper(), log_file
+
+
+def show_config(args: argparse.Namespace) -> int:
+    """``nbiafs config``: every option, its effective value and its source."""
+    from .mountcmd import resolve_args
+
+    resolved = resolve_args(args, options.GROUPS)
+    settings = resolved.settings
+    path = resolved.config_path
+    exists = path is not None and path.exists()
+    print(f"# config file: {path}{'' if exists else ' (not present)'}")
+    width = max(len(o.name) for o in options.OPTIONS)
+    for opt in options.OPTIONS:
+        value = getattr(settings, opt.name)
+        shown = opt.show(value) if value is not None else ""
+        text = f'"{shown}"' if opt.kind not in ("bool", "int", "float") or value is None else shown
+        if value is None:
+            text = f"# unset ({opt.default_text()})"
+        print(f"{opt.name.replace('_', '-'):<{width}} = {text:<24} # {resolved.sources[opt.name]}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level if hasattr(args, "log_level") else "WARNING",
-                   getattr(args, "log_file", None))
+    _setup_logging(*_logging_from(args))
     try:
         if args.command == "emulator":
             from .emulator.command import run_emulator
 
             return run_emulator(args)
+        if args.command == "config":
+            return show_config(args)
+        if args.command == "demo":
+            from .demo import demo
+
+            return demo(args)
         from . import mountcmd
 
         if args.command == "mount":
             return mountcmd.mount(args)
         if args.command == "unmount":
             return mountcmd.unmount(args)
-        if args.command == "demo":
-            return mountcmd.demo(args)
     except NbiaError as exc:
         print(f"nbiafs: {exc}", file=sys.stderr)
         return 1

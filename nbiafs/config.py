@@ -1,31 +1,46 @@
-"""Settings in one place: server names, defaults (and why), size parsing, default paths.
+"""Settings: the typed values of the options in :mod:`nbiafs.options`, and where each value came from.
 
-Everything configurable lives in :class:`Settings`; the CLI fills it from flags and the environment,
-tests build it directly. Nothing here reads the password: see :mod:`nbiafs.auth`.
+What it owns: the :class:`Settings` record (one field per option, default from the table), server
+names, and :func:`resolve`, which layers the sources: defaults < config file < ``NBIAFS_<NAME>``
+environment variables < command-line flags, remembering the source of every value for
+``nbiafs config``. The config file is TOML (``~/.config/nbiafs/config.toml`` by platformdirs, or
+``$NBIAFS_CONFIG``) with option names as keys (``cache-size = "50G"`` or ``cache_size = "50G"``); an
+unknown key is an error, so a typo never silently does nothing. Nothing here reads the password.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import platformdirs
 
 from .errors import ConfigError
+from .options import BY_NAME, OPTIONS, default, format_size, parse_size
 
-#: Named servers. NLST lives on its own server (the main one answers 400 for NLST series).
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = ["SERVERS", "GUEST_USER", "CLIENT_ID", "Settings", "Resolved", "resolve", "resolve_server",
+           "parse_size", "format_size", "default_cache_dir", "default_config_path"]
+
+#: Named servers. ``public`` is the host tcia_utils 3.x calls (anonymous v4); the token endpoint and v2
+#: also answer there. NLST lives on its own server (the main one answers 400 for NLST series).
 SERVERS: dict[str, str] = {
-    "public": "https://services.cancerimagingarchive.net",
+    "public": "https://nbia.cancerimagingarchive.net",
     "nlst": "https://nlst.cancerimagingarchive.net",
 }
 
 GUEST_USER = "nbia_guest"
 CLIENT_ID = "NBIA"
-
-#: Default instance-cache bound: 10 GiB holds a few hundred typical CT series and fits most laptops.
-DEFAULT_CACHE_SIZE = 10 * 1024**3
+CONFIG_ENV = "NBIAFS_CONFIG"
 
 
 def resolve_server(server: str) -> str:
@@ -41,66 +56,152 @@ def resolve_server(server: str) -> str:
     return base
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4, "p": 1024**5}
-
-
-def parse_size(text: str | int) -> int:
-    """Parse ``500M``, ``20G``, ``1.5T``, ``123456`` (bytes) into bytes (binary units)."""
-    if isinstance(text, int):
-        if text <= 0:
-            raise ConfigError("a size must be positive")
-        return text
-    match = _SIZE_RE.match(text)
-    if not match:
-        raise ConfigError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix")
-    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    if value < 1:
-        raise ConfigError(f"bad size {text!r}: must be at least one byte")
-    return int(value)
-
-
 def default_cache_dir() -> Path:
     """The per-user cache directory (``~/.cache/nbiafs`` on Linux)."""
     return Path(platformdirs.user_cache_dir("nbiafs", appauthor=False))
 
 
-@dataclass
-class Settings:
-    """All settings of one mount (or one client session)."""
+def default_config_path(environ: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    if env.get(CONFIG_ENV):
+        return Path(env[CONFIG_ENV]).expanduser()
+    return Path(platformdirs.user_config_dir("nbiafs", appauthor=False)) / "config.toml"
 
-    server: str = "public"
-    user: str = GUEST_USER
+
+def _d(name: str) -> Any:
+    return field(default=default(name))
+
+
+@dataclass(slots=True)
+class Settings:
+    """All settings of one mount or command. One field per option of :data:`nbiafs.options.OPTIONS`."""
+
+    server: str = _d("server")
+    user: str | None = _d("user")
+    api: str = _d("api")
+    drilldown: bool = _d("drilldown")
+    workers: int = _d("workers")
+    connect_timeout: float = _d("connect_timeout")
+    read_timeout: float = _d("read_timeout")
+    retries: int = _d("retries")
+    backoff: float = _d("backoff")
+    deadline: float = _d("deadline")
     cache_dir: Path = field(default_factory=default_cache_dir)
-    cache_size: int = DEFAULT_CACHE_SIZE
-    layout: str = "descriptive"  # or "uid"
-    offline: bool = False
-    foreground: bool = False
-    log_file: Path | None = None
-    log_level: str = "WARNING"
-    #: Seconds for one HTTP request (connect, read). Instances are <1 MB; a minute is generous.
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0
-    #: Bounded retries with exponential backoff for 429/5xx/resets, all within ``deadline``.
-    retries: int = 4
-    backoff: float = 0.5
-    deadline: float = 120.0
-    #: Parallel fetches of instance bytes; also the HTTP connection pool size.
-    workers: int = 8
-    #: Metadata in memory lives this long (seconds); TCIA data is immutable once published.
-    metadata_ttl: float = 24 * 3600.0
-    #: Kernel entry/attribute cache timeout (seconds): files never change.
-    kernel_timeout: float = 24 * 3600.0
-    #: Use the advanced drill-down endpoints for exact sizes and instance numbers.
-    use_drilldown: bool = True
+    cache_size: int = _d("cache_size")
+    metadata_ttl: float = _d("metadata_ttl")
+    offline: bool = _d("offline")
+    layout: str = _d("layout")
+    foreground: bool = _d("foreground")
+    prefetch: bool = _d("prefetch")
+    allow_other: bool = _d("allow_other")
+    uid: int | None = _d("uid")
+    gid: int | None = _d("gid")
+    umask: int = _d("umask")
+    kernel_timeout: float = _d("kernel_timeout")
+    negative_timeout: float = _d("negative_timeout")
+    ready_timeout: float = _d("ready_timeout")
+    log_file: Path | None = _d("log_file")
+    log_level: str = _d("log_level")
 
     @property
     def base_url(self) -> str:
         return resolve_server(self.server)
 
+    @property
+    def account(self) -> str:
+        """The account name: the named user, or the guest for anonymous use."""
+        return self.user or GUEST_USER
+
+    @property
+    def namespace(self) -> str:
+        """Cache keys' namespace: server and account (anonymous v4 and the guest see the same data)."""
+        return f"{self.base_url}|{self.account}"
+
+    @property
+    def timeouts(self) -> tuple[float, float]:
+        return (self.connect_timeout, self.read_timeout)
+
+    def values(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
     def validate(self) -> None:
-        if self.layout not in ("descriptive", "uid"):
-            raise ConfigError(f"unknown layout {self.layout!r}: use descriptive or uid")
+        for opt in OPTIONS:  # every value within what its option allows (choices, bounds, types)
+            value = getattr(self, opt.name)
+            if value is not None and opt.kind != "path":
+                opt.parse(value)
         resolve_server(self.server)
-        if self.cache_size <= 0:
-            raise ConfigError("cache size must be positive")
+        if self.user == "":
+            raise ConfigError("--user needs an account name")
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """Settings and, for each option name, where its value came from."""
+
+    settings: Settings
+    sources: dict[str, str]
+    config_path: Path | None
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """The options set in the TOML file at ``path`` (typed), ``{}`` when there is no such file."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        name = key.replace("-", "_")
+        opt = BY_NAME.get(name)
+        if opt is None:
+            raise ConfigError(f"config file {path}: unknown option {key!r} (see nbiafs config --help)")
+        try:
+            values[name] = opt.parse(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+    return values
+
+
+def resolve(flags: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None,
+            config_path: Path | None = None, use_config: bool = True,
+            only: Iterable[str] | None = None) -> Resolved:
+    """Settings from defaults < config file < environment < ``flags`` (option name -> raw value).
+
+    ``only`` restricts the environment and config file to those option names (a command's groups).
+    """
+    env = os.environ if environ is None else environ
+    allowed = set(only) if only is not None else set(BY_NAME)
+    settings = Settings()
+    sources = {opt.name: "default" for opt in OPTIONS}
+    path = config_path if config_path is not None else default_config_path(env)
+    if use_config:
+        for name, value in load_config_file(path).items():
+            if name in allowed:
+                setattr(settings, name, value)
+                sources[name] = f"config file {path}"
+    for opt in OPTIONS:
+        if opt.name in allowed and env.get(opt.env):
+            setattr(settings, opt.name, _parse(opt, env[opt.env], f"environment variable {opt.env}"))
+            sources[opt.name] = f"environment {opt.env}"
+    for name, raw in (flags or {}).items():
+        if raw is None:
+            continue
+        opt = BY_NAME[name]
+        setattr(settings, name, _parse(opt, raw, opt.flag))
+        sources[name] = "command line"
+    if settings.cache_dir is not None:
+        settings.cache_dir = Path(settings.cache_dir).expanduser().resolve()
+    if settings.log_file is not None:
+        settings.log_file = Path(settings.log_file).expanduser().resolve()
+    settings.validate()
+    return Resolved(settings, sources, path if use_config else None)
+
+
+def _parse(opt: Any, raw: Any, where: str) -> Any:
+    try:
+        return opt.parse(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None

@@ -1,18 +1,29 @@
-"""Running a mount in the background: the ready pipe, spawning the mount process, finding and awaiting it.
+"""Running a mount in the background: the ready pipe, the password pipe, spawning the mount process,
+the run records that find it again, and the mount table.
 
 The parent (``nbiafs mount`` without ``--foreground``) starts ``python -m nbiafs mount ... --foreground
---ready-fd N`` in a new session and waits on the pipe for one line: ``ready`` (written from the FUSE
-``init`` callback, so the mount is usable when the parent returns) or ``error: <message>``. Nothing
-here knows about NBIA; it only owns process plumbing and the mount table.
+--ready-fd N [--password-fd M]`` in a new session and waits on the ready pipe for one line: ``ready``
+(written from the FUSE ``init`` callback, so the mount is usable when the parent returns) or
+``error: <message>``. A password travels on its own pipe, never in the child's environment or command
+line (both are readable in ``/proc``).
+
+Every mount process records itself (:func:`record_mount`: pid, start time, mount point) in the
+per-user runtime directory when it is mounted and removes the record when it ends; ``unmount`` and
+the stale-mount check read the record (:func:`mount_processes`), so a mount is found whatever its
+command line looks like, and a pid reused by another process after a ``kill -9`` is not mistaken for
+it (the start time differs). Nothing here knows about NBIA.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import select
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -58,22 +69,32 @@ class ReadyReporter:
 
 
 def spawn_and_wait_ready(argv: Sequence[str], *, env: Mapping[str, str], log_file: str | None,
-                         timeout: float = DEFAULT_READY_TIMEOUT) -> int:
-    """Start ``argv`` (which must accept ``--ready-fd N``) detached; return its pid once it is ready.
+                         timeout: float = DEFAULT_READY_TIMEOUT, password: str | None = None) -> int:
+    """Start ``argv`` (which must accept ``--ready-fd N`` and ``--password-fd M``) detached; return its
+    pid once it is ready. ``password`` goes to the child on a pipe (``--password-fd``).
 
     Raises :class:`MountStartError` with the child's own message, or when it exits or stays silent
     for ``timeout`` seconds (then it is killed).
     """
     read_fd, write_fd = os.pipe()
+    pass_fds = [write_fd]
+    extra = ["--ready-fd", str(write_fd)]
+    secret_fd = None
+    if password:
+        secret_fd = password_pipe(password)
+        pass_fds.append(secret_fd)
+        extra += ["--password-fd", str(secret_fd)]
     out = open(log_file, "ab") if log_file else open(os.devnull, "wb")  # noqa: SIM115
     try:
         proc = subprocess.Popen(
-            [*argv, "--ready-fd", str(write_fd)],
+            [*argv, *extra],
             stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=dict(env),
-            pass_fds=(write_fd,), start_new_session=True, close_fds=True,
+            pass_fds=tuple(pass_fds), start_new_session=True, close_fds=True,
         )
     finally:
         os.close(write_fd)
+        if secret_fd is not None:
+            os.close(secret_fd)
         out.close()
     try:
         line = _read_line(read_fd, timeout)
@@ -110,12 +131,56 @@ def _read_line(fd: int, timeout: float) -> str | None:
     return data.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
 
 
+#: A password longer than this is refused (it must fit a pipe's buffer, written before the child starts).
+MAX_PASSWORD_BYTES = 4096
+
+
+def password_pipe(password: str) -> int:
+    """The read end of a pipe that holds ``password`` (and then EOF): for a child's ``--password-fd``."""
+    data = password.encode("utf-8")
+    if len(data) > MAX_PASSWORD_BYTES:
+        raise MountStartError(f"the password is longer than {MAX_PASSWORD_BYTES} bytes")
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, data)
+    finally:
+        os.close(write_fd)
+    return read_fd
+
+
+def read_password(fd: int) -> str:
+    """The password the parent wrote on pipe ``fd`` (closes it)."""
+    chunks = []
+    try:
+        while True:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8")
+
+
 def child_command(command: str, mountpoint: str, extra: Sequence[str]) -> list[str]:
     """``python -m nbiafs <command> <mountpoint> --foreground <extra...>``."""
     return [sys.executable, "-m", "nbiafs", command, mountpoint, "--foreground", *extra]
 
 
 # ---------------------------------------------------------------------------------- mount table
+def canonical(mountpoint: str | os.PathLike[str]) -> str:
+    """The mount point as the mount table spells it, without ever touching the mount point itself.
+
+    ``realpath`` would ``lstat`` it, and a stat of a FUSE mount point is answered by the mount: from
+    the mount's own ``init`` (before it serves) or against a hung mount it blocks forever. Only the
+    parent directory's symlinks are resolved.
+    """
+    absolute = os.path.abspath(os.fspath(mountpoint))
+    parent, name = os.path.split(absolute)
+    return os.path.join(os.path.realpath(parent), name) if name else absolute
+
+
+
 def _unescape_mountinfo(field: str) -> str:
     """mountinfo escapes space, tab, newline and backslash as \\ooo octal."""
     out, i = [], 0
@@ -131,7 +196,7 @@ def _unescape_mountinfo(field: str) -> str:
 
 def mount_entry(mountpoint: str | os.PathLike[str]) -> tuple[str, str] | None:
     """``(fstype, source)`` of what is mounted exactly at ``mountpoint``, or None."""
-    target = os.path.realpath(mountpoint)
+    target = canonical(mountpoint)
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as fh:
             lines = fh.read().splitlines()
@@ -153,30 +218,78 @@ def is_nbiafs_mount(entry: tuple[str, str] | None) -> bool:
         entry[1] == "nbiafs" or entry[0] == "fuse.nbiafs")
 
 
-# ---------------------------------------------------------------------------------- processes
+# ---------------------------------------------------------------------------------- run records
+def runtime_dir() -> Path:
+    """The per-user directory of run records: ``$XDG_RUNTIME_DIR/nbiafs`` (``/run/user/UID/nbiafs``), or
+    a private directory under the system's temporary directory when there is no runtime directory."""
+    uid = os.getuid()
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{uid}"
+    if not os.path.isdir(base) or not os.access(base, os.W_OK):
+        base = os.path.join(tempfile.gettempdir(), f"nbiafs-{uid}")
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        info = os.lstat(base)
+        if info.st_uid != uid or (info.st_mode & 0o077):
+            raise NbiaError(f"{base} is not private to this user: cannot keep the mounts' run records there")
+        return Path(base)
+    path = Path(base) / "nbiafs"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def _record_path(mountpoint: str | os.PathLike[str]) -> Path:
+    target = canonical(mountpoint)
+    name = hashlib.sha256(target.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    return runtime_dir() / f"mount-{name}.json"
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def record_mount(mountpoint: str | os.PathLike[str], pid: int | None = None) -> None:
+    """Record that process ``pid`` (default: this one) serves ``mountpoint``."""
+    pid = os.getpid() if pid is None else pid
+    record = {"pid": pid, "start_time": _start_time(pid), "mountpoint": canonical(mountpoint)}
+    path = _record_path(mountpoint)
+    tmp = path.with_suffix(f".{pid}.tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
+
+
+def remove_record(mountpoint: str | os.PathLike[str], pid: int | None = None) -> None:
+    """Remove the run record of ``mountpoint`` if it is ``pid``'s (default: this process)."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        path = _record_path(mountpoint)
+        if json.loads(path.read_text()).get("pid") == pid:
+            path.unlink()
+    except (OSError, ValueError, NbiaError):
+        pass
+
+
 def mount_processes(mountpoint: str | os.PathLike[str]) -> list[int]:
-    """Pids of nbiafs mount/demo processes serving ``mountpoint`` (found through /proc)."""
-    target = os.path.realpath(mountpoint)
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-            cwd = os.readlink(entry / "cwd")
+    """The pid of the nbiafs process serving ``mountpoint`` ([] when none: never mounted, or it died)."""
+    try:
+        path = _record_path(mountpoint)
+        record = json.loads(path.read_text())
+        pid, started = int(record["pid"]), record.get("start_time")
+    except (OSError, ValueError, KeyError, TypeError, NbiaError):
+        return []
+    if record.get("mountpoint") != canonical(mountpoint):
+        return []
+    if not _alive(pid) or (started is not None and _start_time(pid) != started):
+        try:  # the process died (kill -9?): the record is stale
+            path.unlink()
         except OSError:
-            continue
-        words = [a.decode("utf-8", "surrogateescape") for a in args if a]
-        names = [os.path.basename(w) for w in words]
-        if "nbiafs" not in names or "--foreground" not in words:
-            continue
-        i = names.index("nbiafs")
-        rest = words[i + 1:]
-        if len(rest) < 2 or rest[0] not in ("mount", "demo"):
-            continue
-        if os.path.realpath(os.path.join(cwd, rest[1])) == target:
-            pids.append(int(entry.name))
-    return pids
+            pass
+        return []
+    return [pid]
 
 
 def wait_for_exit(pid: int, timeout: float) -> bool:
