@@ -140,3 +140,18 @@ def test_emulator_serves_a_synthetic_archive_with_exact_sizes(tmp_path: Path) ->
         body = requests.get(f"{emu.url}/nbia-api/services/v4/getSingleImage", timeout=10,
                             params={"SeriesInstanceUID": s.uid, "SOPInstanceUID": inst.sop_uid}).content
         assert body == inst.path.read_bytes()
+
+
+def test_an_outdated_synthetic_archive_is_rebuilt_as_the_same_profile(tmp_path: Path) -> None:
+    import json
+
+    arch = ensure_archive(tmp_path / "a", profile=TINY)
+    index_path = arch.root / "index.json"
+    index = json.loads(index_path.read_text())
+    index["format"] = 0
+    index_path.write_text(json.dumps(index))
+    again = ensure_archive(tmp_path / "a")  # no profile asked: the recorded one is rebuilt, not the sample
+    assert again.profile == arch.profile and len(again.instances) == len(arch.instances)
+    index_path.write_text(json.dumps({**index, "format": 0}))
+    with pytest.raises(ConfigError, match="older format"):
+        ensure_archive(tmp_path / "a", profile="sample")

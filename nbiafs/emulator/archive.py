@@ -290,8 +290,12 @@ def ensure_archive(data_dir: str | os.PathLike[str], profile: str | None = None)
         try:
             archive = load_archive(root)
         except _OutdatedArchive:
-            log.info("rebuilding outdated emulator archive in %s", root)
-            return _build(root, _builder(wanted), replace=True)
+            recorded = _recorded_profile(root)
+            if wanted is not None and wanted.canonical != recorded:
+                raise ConfigError(f"emulator archive {root} holds profile {recorded!r} (in an older format), not "
+                                  f"{wanted.canonical!r}; choose another --data folder (or delete this one)") from None
+            log.info("rebuilding outdated emulator archive in %s (profile %s)", root, recorded)
+            return _build(root, _builder(parse_profile(recorded)), replace=True)
         if wanted is not None and archive.profile != wanted.canonical:
             raise ConfigError(f"emulator archive {root} holds profile {archive.profile!r}, not "
                               f"{wanted.canonical!r}; choose another --data folder (or delete this one)")
@@ -300,6 +304,15 @@ def ensure_archive(data_dir: str | os.PathLike[str], profile: str | None = None)
         if not root.is_dir() or any(root.iterdir()):
             raise ConfigError(f"{root} exists and is not an emulator archive; choose another --data folder")
     return _build(root, _builder(wanted), replace=False)
+
+
+def _recorded_profile(root: Path) -> str:
+    """The profile an archive's index names (indexes from before profiles existed hold the sample)."""
+    try:
+        index = json.loads((root / INDEX_NAME).read_text(encoding="utf-8"))
+        return str(index.get("profile", SAMPLE_PROFILE))
+    except (OSError, ValueError, AttributeError):
+        return SAMPLE_PROFILE
 
 
 def _builder(wanted: Any) -> Any:
