@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 #: Bump when the archive's content or layout changes: older archives are rebuilt.
-ARCHIVE_FORMAT = 4
+ARCHIVE_FORMAT = 5
 #: The profile of the sample archive (what an index without a profile was built from).
 SAMPLE_PROFILE = "sample"
 
