@@ -55,17 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flag(p_config)
 
     p_emu = sub.add_parser("emulator", help="run the NBIA-compatible emulator with its sample archive")
-    p_emu.add_argument("--port", type=int, default=8080, help="TCP port (0 = any free port)")
-    p_emu.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p_emu.add_argument("--data", default=None, help="archive directory (built on first start)")
-    p_emu.add_argument("--token-ttl", type=float, default=7200.0, help="access token lifetime in seconds")
-    p_emu.add_argument("--refresh-ttl", type=float, default=None,
-                       help="refresh token lifetime in seconds (default: same as --token-ttl)")
-    p_emu.add_argument("--refuse-refresh", action="store_true",
-                       help="refuse every refresh grant, as the real identity provider sometimes does")
-    p_emu.add_argument("--latency", type=float, default=0.0,
-                       help="extra seconds added to every request (to imitate a distant server)")
-    p_emu.add_argument("--log-level", default="INFO", type=str.upper)
+    from .emulator.command import add_arguments as add_emulator_arguments
+
+    add_emulator_arguments(p_emu)
     return parser
 
 

@@ -88,3 +88,45 @@ def test_cli_reports_a_busy_port_clearly(archive_dir: Path) -> None:
                                str(archive_dir)], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 1
     assert "cannot listen on 127.0.0.1:" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_shapes_a_server_without_logins_with_a_profile_and_caps(tmp_path: Path) -> None:
+    proc, url = _start(tmp_path / "tiny", "--profile", "synthetic:patients=1,series=2,instances=2,rows=8",
+                       "--no-oauth", "--conn-rate", "50M", "--latency", "0")
+    try:
+        assert requests.get(url + "/nbia-api/services/v4/getCollectionValues", timeout=10).json() == [
+            {"Collection": "Synthetic"}]
+        form = {"username": "nbia_guest", "password": "", "client_id": "NBIA", "grant_type": "password"}
+        assert requests.post(url + "/nbia-api/oauth/token", data=form, timeout=10).status_code == 404
+        assert requests.get(url + "/emulator/shaping", timeout=10).json()["per_connection"] == 50_000_000
+    finally:
+        assert _stop(proc) == 0
+
+
+def test_cli_without_v4_and_datacite(archive_dir: Path) -> None:
+    proc, url = _start(archive_dir, "--no-v4", "--no-datacite")
+    try:
+        assert requests.get(url + "/nbia-api/services/v4/getCollectionValues", timeout=10).status_code == 404
+        assert requests.get(url + "/dois/10.0000/NBIAFS.DEMO-HEAD-MR", timeout=10).status_code == 404
+    finally:
+        assert _stop(proc) == 0
+
+
+def test_cli_refuses_a_folder_holding_another_profile_and_bad_flags(archive_dir: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "nbiafs", "emulator", "--port", "0", "--data", str(archive_dir),
+                           "--profile", "wide:patients=1"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 1 and "holds profile 'sample'" in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run([sys.executable, "-m", "nbiafs", "emulator", "--port", "0", "--data", str(archive_dir),
+                           "--no-oauth", "--no-v4"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    done = subprocess.run([sys.executable, "-m", "nbiafs", "emulator", "--conn-rate", "fast"],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 2 and "bad rate" in done.stderr
+
+
+def test_default_data_dir_is_one_folder_per_profile() -> None:
+    assert default_data_dir("sample") == default_data_dir() == default_data_dir(None)
+    ct = default_data_dir("ct200")
+    assert ct.parent == default_data_dir().parent and ct != default_data_dir()
+    assert default_data_dir("ct200:rows=512") == ct  # the same canonical spec, the same folder
+    assert default_data_dir("ct200:rows=64") != ct

@@ -1,7 +1,10 @@
 """An NBIA-compatible HTTP server with a deterministic sample archive (tests, benchmarks, ``nbiafs demo``).
 
-It behaves as ``/work/shared/nbia-api.md`` says the real server does, quirks included. Public surface:
-``ensure_archive``, ``Archive`` and ``Emulator`` (plus the account constants).
+It behaves as ``/work/shared/nbia-api.md`` says the real server does, quirks included, and can take the
+shape of today's public server (anonymous v4 only), an old one (v2 + token only) or both. Public surface:
+``ensure_archive`` (the sample archive or a synthetic profile), ``Archive`` and ``Emulator`` (faults,
+stats, shaping, ``add_series``), plus the account constants. See the emulator section of
+``docs/architecture.md``.
 """
 
 from .accounts import GUEST_USER, TEST_PASSWORD, TEST_USER

@@ -1,9 +1,16 @@
-"""The emulator's sample archive on disk: typed entries, the JSON index, lookups, and ``ensure_archive``.
+"""The emulator's archive on disk: typed entries, the JSON index, lookups, and ``ensure_archive``.
 
 An archive directory holds ``index.json`` (every collection, patient, study, series and instance with
-its metadata, exact size and md5) and ``dicom/<series>/<nnnnn>.dcm`` files. It is the ground truth
-that tests compare the mount against. ``ensure_archive`` builds it once (see :mod:`.samples`), in a
-temporary directory renamed into place, so a killed build never leaves half an archive behind.
+its metadata, exact size and md5, and the profile it was built from) and ``dicom/<series>/<nnnnn>.dcm``
+files. It is the ground truth that tests compare the mount against. ``ensure_archive`` builds it
+once, from a profile (:mod:`.profiles`: the sample archive of :mod:`.samples` by default, or a
+synthetic one of :mod:`.synthetic`), in a temporary directory renamed into place, so a killed build
+never leaves half an archive behind. An archive records its profile's canonical spec, and asking a
+folder for another profile than the one it holds is refused: a benchmark never runs on the wrong data.
+
+An :class:`Archive` never changes once built. The emulator publishes new series
+(:mod:`.addseries`) by building a new ``Archive`` from an old one plus the additions and swapping
+the reference.
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 #: Bump when the archive's content or layout changes: older archives are rebuilt.
-ARCHIVE_FORMAT = 2
+ARCHIVE_FORMAT = 5
+#: The profile of the sample archive (what an index without a profile was built from).
+SAMPLE_PROFILE = "sample"
 
 
 @dataclass(frozen=True)
@@ -128,8 +137,9 @@ class Archive:
 
     def __init__(self, root: Path, licenses: list[LicenseEntry], collections: list[CollectionEntry],
                  patients: list[PatientEntry], studies: list[StudyEntry], series: list[SeriesEntry],
-                 instances: list[InstanceEntry]) -> None:
+                 instances: list[InstanceEntry], profile: str = SAMPLE_PROFILE) -> None:
         self.root = root
+        self.profile = profile
         self.licenses = tuple(licenses)
         self.collections = tuple(collections)
         self.patients = tuple(patients)
@@ -202,6 +212,7 @@ class Archive:
     def to_index(self) -> dict[str, Any]:
         return {
             "format": ARCHIVE_FORMAT,
+            "profile": self.profile,
             "licenses": [_row(x) for x in self.licenses],
             "collections": [_row(x) for x in self.collections],
             "patients": [_row(x) for x in self.patients],
@@ -225,7 +236,8 @@ class Archive:
                                  "date_released": dt.datetime.fromisoformat(x["date_released"])})
                   for x in index["series"]]
         instances = [InstanceEntry(**{**x, "path": root / x["rel_path"]}) for x in index["instances"]]
-        return cls(root, licenses, collections, patients, studies, series, instances)
+        return cls(root, licenses, collections, patients, studies, series, instances,
+                   profile=index.get("profile", SAMPLE_PROFILE))
 
     def write_index(self) -> None:
         text = json.dumps(self.to_index(), indent=1, ensure_ascii=False, sort_keys=True)
@@ -257,26 +269,61 @@ class _OutdatedArchive(ConfigError):
         self.root = root
 
 
-def ensure_archive(data_dir: str | os.PathLike[str]) -> Archive:
+def ensure_archive(data_dir: str | os.PathLike[str], profile: str | None = None) -> Archive:
     """Return the archive in ``data_dir``, building it first if it does not exist yet.
 
-    Idempotent and deterministic (every build writes the same bytes). The build happens in a temporary
-    sibling directory that is renamed into place, so a killed build leaves no half archive. An
-    existing non-empty directory that is not an archive is refused (nothing of the user's is deleted).
-    """
-    from .samples import build_into  # deferred: building needs pydicom and numpy
+    ``profile``: a profile name or spec (``"sample"``, ``"ct200"``, ``"wide:patients=3"``,
+    ``"synthetic:patients=2,series=3,instances=5,rows=32"``; see :mod:`.profiles`). ``None`` takes
+    whatever archive ``data_dir`` holds and builds the sample archive in an empty one. A folder
+    holding another profile's archive is refused (ConfigError), never rebuilt.
 
+    Idempotent and deterministic (every build of a profile writes the same bytes). The build happens
+    in a temporary sibling directory that is renamed into place, so a killed build leaves no half
+    archive. An existing non-empty directory that is not an archive is refused (nothing of the
+    user's is deleted).
+    """
+    from .profiles import parse_profile
+
+    wanted = parse_profile(profile) if profile is not None else None
     root = Path(data_dir).expanduser().absolute()
     if (root / INDEX_NAME).exists():
         try:
-            return load_archive(root)
+            archive = load_archive(root)
         except _OutdatedArchive:
-            log.info("rebuilding outdated emulator archive in %s", root)
-            return _build(root, build_into, replace=True)
+            recorded = _recorded_profile(root)
+            if wanted is not None and wanted.canonical != recorded:
+                raise ConfigError(f"emulator archive {root} holds profile {recorded!r} (in an older format), not "
+                                  f"{wanted.canonical!r}; choose another --data folder (or delete this one)") from None
+            log.info("rebuilding outdated emulator archive in %s (profile %s)", root, recorded)
+            return _build(root, _builder(parse_profile(recorded)), replace=True)
+        if wanted is not None and archive.profile != wanted.canonical:
+            raise ConfigError(f"emulator archive {root} holds profile {archive.profile!r}, not "
+                              f"{wanted.canonical!r}; choose another --data folder (or delete this one)")
+        return archive
     if root.exists():
         if not root.is_dir() or any(root.iterdir()):
             raise ConfigError(f"{root} exists and is not an emulator archive; choose another --data folder")
-    return _build(root, build_into, replace=False)
+    return _build(root, _builder(wanted), replace=False)
+
+
+def _recorded_profile(root: Path) -> str:
+    """The profile an archive's index names (indexes from before profiles existed hold the sample)."""
+    try:
+        index = json.loads((root / INDEX_NAME).read_text(encoding="utf-8"))
+        return str(index.get("profile", SAMPLE_PROFILE))
+    except (OSError, ValueError, AttributeError):
+        return SAMPLE_PROFILE
+
+
+def _builder(wanted: Any) -> Any:
+    """``root -> Archive`` for a parsed profile (``None``: the sample archive)."""
+    if wanted is None or wanted.canonical == SAMPLE_PROFILE:
+        from . import samples  # deferred: building needs pydicom and numpy; looked up late so tests can patch it
+
+        return lambda root: samples.build_into(root)
+    from . import synthetic
+
+    return lambda root: synthetic.build_into(root, wanted)
 
 
 def _build(root: Path, build_into: Any, *, replace: bool) -> Archive:

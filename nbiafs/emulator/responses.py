@@ -2,7 +2,10 @@
 
 Key names (``PatientId`` in getPatient but ``PatientID`` elsewhere), the three date formats (v2
 ``2003-12-12 00:00:00.0``, v1/v4 ``MM-DD-YYYY``, advanced API epoch milliseconds at midnight UTC) and
-the rule that null values are left out all live here.
+the rule that null values are left out all live here. v4 rows follow the v4 source: ``getSeries``
+carries ``DataDescriptionURI`` (the collection's DOI link) where v2 has ``CollectionURI``, the
+drill-downs write dates as ``MM-DD-YYYY``, and ``getCollectionDescriptions`` drops the internal
+``licenseId``/``collectionDescTimestamp`` for a ``lastUpdated`` date.
 """
 
 from __future__ import annotations
@@ -48,9 +51,24 @@ def study_row(arch: Archive, s: StudyEntry, style: str) -> dict[str, Any]:
                   "PatientID": s.patient_id, "Collection": s.collection, "SeriesCount": s.series_count})
 
 
-def series_row(arch: Archive, s: SeriesEntry, style: str) -> dict[str, Any]:
+def series_row(arch: Archive, s: SeriesEntry, style: str, v4_columns: bool = False) -> dict[str, Any]:
     coll = arch.collection(s.collection)
     assert coll is not None
+    if v4_columns:
+        study = arch.study_by_uid(s.study_uid)
+        return clean({
+            "SeriesInstanceUID": s.uid, "StudyInstanceUID": s.study_uid, "Modality": s.modality,
+            "ProtocolName": s.protocol_name, "SeriesDate": fmt_date(s.date, "v4"),
+            "SeriesDescription": s.description, "BodyPartExamined": s.body_part, "SeriesNumber": s.number,
+            "AnnotationsFlag": "NO", "Collection": s.collection, "PatientID": s.patient_id,
+            "Manufacturer": s.manufacturer, "ManufacturerModelName": s.manufacturer_model,
+            "SoftwareVersions": s.software_versions, "ImageCount": s.image_count,
+            "TimeStamp": fmt_date(s.timestamp, "v4"), "LicenseName": coll.license.long_name,
+            "LicenseURI": coll.license.url, "DataDescriptionURI": coll.description_uri, "FileSize": s.file_size,
+            "DateReleased": fmt_date(s.date_released, "v4"),
+            "StudyDesc": study.description if study else None,
+            "StudyDate": fmt_date(study.date, "v4") if study else None, "ThirdPartyAnalysis": "NO",
+        })
     return clean({
         "SeriesInstanceUID": s.uid, "StudyInstanceUID": s.study_uid, "Modality": s.modality,
         "ProtocolName": s.protocol_name, "SeriesDate": fmt_date(s.date, style),
@@ -85,7 +103,12 @@ def zip_name(position: int, new_file_names: bool) -> str:
     return f"1-{position:03d}.dcm" if new_file_names else f"{position:08d}.dcm"
 
 
-def study_drilldown(arch: Archive, chosen: list[SeriesEntry]) -> list[dict[str, Any]]:
+def drilldown_date(value: dt.date | None, style: str) -> int | str | None:
+    """A drill-down date: epoch ms in the advanced API, ``MM-DD-YYYY`` on v4."""
+    return fmt_date(value, "v4") if style == "v4" else epoch_ms(value)
+
+
+def study_drilldown(arch: Archive, chosen: list[SeriesEntry], style: str = "advanced") -> list[dict[str, Any]]:
     """getStudyDrillDownWithSeriesIds: studies (in order of first appearance) with their seriesList."""
     studies: dict[str, list[SeriesEntry]] = {}
     for s in chosen:
@@ -108,15 +131,18 @@ def study_drilldown(arch: Archive, chosen: list[SeriesEntry]) -> list[dict[str, 
             "softwareVersion": s.software_versions, "maxFrameCount": "0", "bodyPartExamined": s.body_part,
             "descriptionURI": coll.description_uri, "licenseName": coll.license.long_name,
             "licenseUrl": coll.license.url, "commercialRestrictions": coll.license.commercial_use != "YES",
-            "studyDateString": "", "seriesPkId": s.pk_id, "exactSize": s.file_size,
+            "studyDateString": (fmt_date(study.date, "v4") or "") if style == "v4" else "", "seriesPkId": s.pk_id, "exactSize": s.file_size,
         }) for s in members]
-        rows.append(clean({"studyId": study.uid, "date": epoch_ms(study.date), "description": study.description,
+        rows.append(clean({"studyId": study.uid, "date": drilldown_date(study.date, style),
+                           "description": study.description,
                            "id": study.pk_id, "study_id": study.study_id, "seriesList": series_list}))
     return rows
 
 
-def image_drilldown_row(s: SeriesEntry, inst: InstanceEntry) -> dict[str, Any]:
+def image_drilldown_row(s: SeriesEntry, inst: InstanceEntry, style: str = "advanced",
+                        content_date: dt.date | None = None) -> dict[str, Any]:
     return clean({
+        "contentDate": fmt_date(content_date, "v4") if style == "v4" else None,
         "imagePkId": inst.pk_id, "seriesPkId": s.pk_id, "instanceNumber": inst.instance_number,
         "acquisitionNumber": inst.instance_number,  # the real server's bug, reproduced
         "sopInstanceUid": inst.sop_uid, "seriesInstanceUid": inst.series_uid,
@@ -125,7 +151,10 @@ def image_drilldown_row(s: SeriesEntry, inst: InstanceEntry) -> dict[str, Any]:
     })
 
 
-def collection_description_row(c: CollectionEntry) -> dict[str, Any]:
+def collection_description_row(c: CollectionEntry, style: str = "advanced") -> dict[str, Any]:
+    if style == "v4":
+        return clean({"collectionName": c.name, "description": c.description, "descriptionURI": c.description_uri,
+                      "id": c.pk_id, "lastUpdated": fmt_date(c.timestamp, "v4")})
     return clean({"description": c.description, "id": c.pk_id,
                   "collectionDescTimestamp": calendar.timegm(c.timestamp.timetuple()) * 1000,
                   "collectionName": c.name, "licenseId": c.license.id, "descriptionURI": c.description_uri})

@@ -131,7 +131,7 @@ SPEC: tuple[CollectionSpec, ...] = (
         )),
     CollectionSpec(
         "Edge-Cases", False, "<p>Hostile metadata: every quirk the real archive has.</p>", 2,
-        "https://doi.org/10.0000/NBIAFS.EDGE-CASES", _t(2021, 6, 30), (
+        "https://doi.org/10.0000/NBIAFS/EDGE-CASES.2021", _t(2021, 6, 30), (
             PatientSpec("EC-0001", None, None, None, (
                 StudySpec(None, "<MPR Range[1]> a/b\\c", "6001", (
                     SeriesSpec("CT", 3, 7, "PET/CT fused\\recon", _t(2021, 6, 30)),

@@ -1,10 +1,17 @@
-"""The emulator's HTTP server: NBIA endpoints, quirks included, plus fault injection and statistics.
+"""The emulator's HTTP server: lifecycle, request parsing, dispatch, and writing answers on the wire.
 
-Routes (base ``/nbia-api``): ``POST /oauth/token``, ``GET /logout``, the search API under
-``/services/v2/`` (token) and ``/services/v1/``, ``/services/v4/`` (anonymous, public data only), and
-the advanced API under ``/services/`` (token). ``/emulator/...`` are control endpoints for tests and
-benchmarks running in another process. How each endpoint answers is described in
-``/work/shared/nbia-api.md``; answer shapes live in :mod:`.responses`.
+What each URL is lives in :mod:`.routes` (and the handlers it names), what tests steer in
+:mod:`.control` and :mod:`.controlapi`, how fast bytes may go in :mod:`.shaping`. This module owns:
+
+* :class:`Emulator`, the public object: start/stop, the archive it serves (swapped atomically by
+  :meth:`Emulator.add_series`: a handler reads ``emu.archive`` once and keeps that snapshot), and
+  the Python side of every control (faults, stats, shaping, tokens).
+* the per-request pipeline: count the call, wait the latency, take a fault (a status fault answers
+  with a proxy's HTML page), authorize, run the handler, write its :class:`~.replies.Reply`.
+* the writer: bodies go out in 64 KiB pieces, each paced by the connection's and the link's caps
+  and counted in the byte stats; files are streamed from disk; ``stream`` replies are chunked;
+  truncation (half the body, then the connection is cut) and length-preserving corruption of
+  fixed-length bodies happen here. NBIA answers carry Spring Security's no-cache headers.
 
 One stdlib ``ThreadingHTTPServer``, HTTP/1.1 keep-alive, a thread per connection (tracked, so
 ``stop()`` closes every connection and joins every thread).
@@ -13,60 +20,34 @@ One stdlib ``ThreadingHTTPServer``, HTTP/1.1 keep-alive, a thread per connection
 from __future__ import annotations
 
 import collections
-import datetime as dt
-import json
 import logging
 import os
-import random
+import shutil
 import socket
+import tempfile
 import threading
-from collections.abc import Iterable
-from dataclasses import dataclass
+import weakref
+from collections.abc import Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from . import responses as R
-from .accounts import GUEST_USER, account_passwords, check_password
-from .archive import Archive, InstanceEntry, SeriesEntry, ensure_archive
+from . import controlapi, routes
+from .accounts import account_passwords
+from .archive import Archive, ensure_archive
+from .control import FaultBook, Stats, corrupt_offsets, flip
+from .replies import SPRING_HEADERS, Fault, HttpError, Reply, Request, iter_file, not_found, proxy_page
+from .shaping import CHUNK_SIZE, Shaper
 from .tokens import TokenStore
-from .zipstream import iter_zip
 
 log = logging.getLogger(__name__)
 
-#: The exact body of a v2 call made without an Authorization header (48 bytes).
-NO_AUTH_BODY = b"Server was not able to process your request\nnull"
+#: Kept for importers of the old module layout.
+from .downloads import NO_AUTH_BODY  # noqa: E402
+from .routes import HIDES_AUTH_FAILURE  # noqa: E402
 
-#: v2 endpoints that answer 200 with an empty body (instead of 401) for an expired or unknown token.
-HIDES_AUTH_FAILURE = frozenset({"getSeries", "getPatient", "getPatientStudy", "getSOPInstanceUIDs",
-                                "getSeriesSize"})
-SEARCH_ENDPOINTS = frozenset({"getCollectionValues", "getPatient", "getPatientStudy", "getSeries",
-                              "getSOPInstanceUIDs", "getSeriesSize", "getSingleImage", "getImage",
-                              "getImageWithMD5Hash", "getM5HashForImage", "getUpdatedSeries"})
-ADVANCED_ENDPOINTS = frozenset({"getStudyDrillDownWithSeriesIds", "getImageDrillDown",
-                                "getCollectionDescriptions", "getLicenses"})
-
-
-@dataclass
-class Fault:
-    """A scheduled misbehaviour: the next ``count`` calls of ``endpoint`` ("*" = any) misbehave."""
-
-    endpoint: str
-    status: int | None = None
-    count: int = 1
-    delay: float = 0.0
-    truncate: bool = False
-
-
-class _HttpError(Exception):
-    def __init__(self, status: int, body: bytes = b"", content_type: str = "text/plain") -> None:
-        super().__init__(status)
-        self.status, self.body, self.content_type = status, body, content_type
-
-
-def _bad_request(message: str) -> _HttpError:
-    return _HttpError(400, message.encode("utf-8"))
+__all__ = ["Emulator", "NO_AUTH_BODY", "HIDES_AUTH_FAILURE"]
 
 
 class _Server(ThreadingHTTPServer):
@@ -80,8 +61,7 @@ class _Server(ThreadingHTTPServer):
         self.emulator = emulator
         self._conn_lock = threading.Lock()
         self._conns: dict[socket.socket, threading.Thread] = {}
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.address_family = family
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -111,19 +91,29 @@ class _Server(ThreadingHTTPServer):
 
 
 class Emulator:
-    """An NBIA-compatible server over a sample archive. See the module docstring of :mod:`nbiafs.emulator`."""
+    """An NBIA-compatible server over an archive. See :mod:`nbiafs.emulator` and ``docs/architecture.md``.
+
+    ``profile``: which archive to build in an empty ``data_dir`` (``None``: the sample archive, or
+    whatever archive ``data_dir`` already holds; see :func:`~.archive.ensure_archive`). ``oauth``,
+    ``v4``, ``datacite``: the server's shape (:class:`~.routes.ServerShape`). ``latency`` (seconds
+    before each answer), ``per_connection`` and ``link`` (bytes/s caps, ``None`` = unlimited): the
+    shaping, changeable at run time with :meth:`set_shaping`.
+    """
 
     def __init__(self, data_dir: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 0,
                  token_ttl: float = 7200.0, refresh_ttl: float | None = None, refuse_refresh: bool = False,
-                 latency: float = 0.0) -> None:
-        self.archive: Archive = ensure_archive(data_dir)
+                 latency: float = 0.0, *, profile: str | None = None, oauth: bool = True, v4: bool = True,
+                 datacite: bool = True, per_connection: float | None = None, link: float | None = None) -> None:
+        self.shape = routes.ServerShape(oauth=oauth, v4=v4, datacite=datacite)
+        self.archive: Archive = ensure_archive(data_dir, profile=profile)
         self.host, self._port = host, port
-        self.latency = float(latency)
+        self.shaper = Shaper(latency, per_connection, link)
         self.tokens = TokenStore(token_ttl, refresh_ttl, refuse_refresh=refuse_refresh)
         self.passwords = account_passwords()
-        self._stats: collections.Counter[str] = collections.Counter()
-        self._lock = threading.Lock()
-        self._faults: list[Fault] = []
+        self._stats = Stats()
+        self._faults = FaultBook()
+        self._mutate_lock = threading.Lock()
+        self._scratch: Path | None = None
         self._stopping = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -170,62 +160,114 @@ class Emulator:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self._port}"
 
-    # ---- statistics and control ----------------------------------------------------------------
-    def count(self, endpoint: str) -> None:
-        with self._lock:
-            self._stats[endpoint] += 1
+    # ---- statistics ----------------------------------------------------------------------------
+    def count(self, endpoint: str, versioned: str | None = None) -> None:
+        self._stats.call(endpoint, versioned or endpoint)
 
     def stats(self) -> collections.Counter[str]:
-        with self._lock:
-            return collections.Counter(self._stats)
+        """Calls per plain endpoint name (``getSingleImage``, ``getSeries``, ``token``, ``logout``, ``dois``)."""
+        return self._stats.calls()
+
+    def versioned_stats(self) -> collections.Counter[str]:
+        """Calls per versioned name: ``v2/getSeries``, ``v4/getSeries``, ``advanced/getImageDrillDown``,
+        ``oauth/token``, ``datacite/dois``..."""
+        return self._stats.calls(versioned=True)
+
+    def bytes_sent(self, versioned: bool = False) -> collections.Counter[str]:
+        """Body bytes written per endpoint (plain or versioned names), truncated bodies counted as sent."""
+        return self._stats.bytes_sent(versioned)
+
+    def stats_snapshot(self) -> dict[str, dict[str, int]]:
+        return self._stats.snapshot()
 
     def reset_stats(self) -> None:
-        with self._lock:
-            self._stats.clear()
+        self._stats.reset()
 
+    # ---- tokens --------------------------------------------------------------------------------
     def expire_tokens(self) -> None:
         self.tokens.expire_all()
 
     def set_refuse_refresh(self, refuse: bool) -> None:
         self.tokens.set_refuse_refresh(refuse)
 
+    # ---- faults --------------------------------------------------------------------------------
     def inject_fault(self, endpoint: str, *, status: int | None = None, count: int = 1, delay: float = 0.0,
-                     truncate: bool = False) -> None:
-        """The next ``count`` calls of ``endpoint`` ("*" = any) answer ``status``, wait ``delay`` seconds
-        first, and/or send a truncated body (a short zip for the zip endpoints, a body cut off before
-        its announced Content-Length elsewhere)."""
-        if not endpoint or count < 1 or delay < 0 or (status is not None and not 100 <= status <= 599):
-            raise ValueError("bad fault: need an endpoint, count >= 1, delay >= 0, status 100-599")
-        with self._lock:
-            self._faults.append(Fault(endpoint, status, int(count), float(delay), bool(truncate)))
+                     truncate: bool = False, corrupt: bool = False) -> None:
+        """The next ``count`` calls of ``endpoint`` misbehave.
+
+        ``endpoint``: a plain name (``getSeries``: any API version), a versioned one (``v4/getSeries``)
+        or ``*``. ``status``: answer it, with an nginx-style HTML page (a proxy in front of the
+        server). ``delay``: wait first. ``truncate``: a short zip for the zip endpoints, a body cut off
+        before its announced Content-Length elsewhere. ``corrupt``: flip a few bytes, keeping the
+        length (inside a zip: the first image, in a well-formed entry; the md5s stay true).
+        """
+        self._faults.add(endpoint, status=status, count=count, delay=delay, truncate=truncate, corrupt=corrupt)
 
     def clear_faults(self) -> None:
-        with self._lock:
-            self._faults.clear()
+        self._faults.clear()
 
-    def take_fault(self, endpoint: str) -> Fault | None:
-        with self._lock:
-            for fault in self._faults:
-                if fault.endpoint in (endpoint, "*") and fault.count > 0:
-                    fault.count -= 1
-                    if fault.count == 0:
-                        self._faults.remove(fault)
-                    return fault
-        return None
+    def take_fault(self, endpoint: str, versioned: str | None = None) -> Fault | None:
+        return self._faults.take(endpoint, versioned or endpoint)
+
+    # ---- shaping -------------------------------------------------------------------------------
+    @property
+    def latency(self) -> float:
+        return self.shaper.latency
+
+    @latency.setter
+    def latency(self, seconds: float) -> None:
+        self.shaper.set(latency=seconds)
+
+    def set_shaping(self, *, latency: float | None = None, per_connection: float | None | str = "keep",
+                    link: float | None | str = "keep") -> None:
+        """Change shaping while serving. Rates in bytes/s; ``None`` or 0 = unlimited; ``"keep"`` = unchanged."""
+        self.shaper.set(latency=latency, per_connection=per_connection, link=link)
+
+    def set_latency(self, seconds: float) -> None:
+        self.shaper.set(latency=seconds)
+
+    def set_bandwidth(self, per_connection: float | None = None, link: float | None = None) -> None:
+        """Set both caps (bytes/s, ``None`` = unlimited)."""
+        self.shaper.set(per_connection=per_connection, link=link)
+
+    def shaping(self) -> dict[str, float | None]:
+        return self.shaper.settings()
 
     def pause(self, seconds: float) -> None:
-        """Wait ``seconds`` (latency, injected delays); returns at once when the emulator stops."""
+        """Wait ``seconds`` (latency, injected delays, pacing); returns at once when the emulator stops."""
         if seconds > 0:
             self._stopping.wait(seconds)
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
-def _parse_date(text: str) -> dt.date:
-    for fmt in ("%d/%m/%Y", "%Y-%m-%d"):
-        try:
-            return dt.datetime.strptime(text.strip(), fmt).date()
-        except ValueError:
-            continue
-    raise _bad_request(f"bad fromDate {text!r}: use dd/MM/yyyy or yyyy-MM-dd")
+    # ---- changing the archive while serving ----------------------------------------------------
+    def add_series(self, collection: str, *, patient_id: str | None = None, study_uid: str | None = None,
+                   like: str | None = None, count: int | None = None, description: str | None = None,
+                   modality: str | None = None) -> Any:
+        """Publish a new series now; returns its :class:`~.addseries.AddedSeries` (the new UIDs).
+
+        See :func:`.addseries.add_series` for the arguments. Thread-safe: the new archive is built
+        beside the current one and swapped in with one assignment, so a request in flight keeps
+        the archive it started with.
+        """
+        from .addseries import add_series
+
+        with self._mutate_lock:
+            new_archive, added = add_series(self.archive, self._scratch_dir(), collection, patient_id=patient_id,
+                                            study_uid=study_uid, like=like, count=count,
+                                            description=description, modality=modality)
+            self.archive = new_archive
+        log.info("added series %s (%d instances) to %s", added.series_uid, len(added.sop_uids), collection)
+        return added
+
+    def _scratch_dir(self) -> Path:
+        """Where added series' files live: a temporary folder removed when this object goes away."""
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="nbiafs-emulator-added-"))
+            weakref.finalize(self, shutil.rmtree, str(self._scratch), True)
+        return self._scratch
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -237,6 +279,10 @@ class _Handler(BaseHTTPRequestHandler):
     # its --latency says and hide the mount's own costs in every test and benchmark.
     disable_nagle_algorithm = True
     server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        self._pacer = self.server.emulator.shaper.connection()
 
     # ---- plumbing ------------------------------------------------------------------------------
     def version_string(self) -> str:
@@ -257,320 +303,145 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise _HttpError(411, b"chunked request bodies are not supported")
+            raise HttpError(411, b"chunked request bodies are not supported")
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length > 0 else b""
 
-    def _params(self, method: str) -> dict[str, list[str]]:
-        query = urlsplit(self.path).query
-        params = parse_qs(query, keep_blank_values=True)
+    def _request(self, method: str) -> Request:
+        parts = urlsplit(self.path)
+        query = parse_qs(parts.query, keep_blank_values=True)
         body = self._read_body()  # always drained, or the next request on this connection would be garbled
+        form: dict[str, list[str]] = {}
+        json_body = b""
         if method == "POST":
             ctype = self.headers.get("Content-Type", "")
-            if body and "json" not in ctype:
-                for key, values in parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items():
-                    params.setdefault(key, []).extend(values)
-            self._json_body = body if "json" in ctype else b""
-        return params
-
-    def _send(self, status: int, body: bytes, content_type: str = "application/json",
-              truncate: bool = False, headers: Iterable[tuple[str, str]] = ()) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in headers:
-            self.send_header(name, value)
-        if truncate:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(body[: len(body) // 2] if truncate else body)
-        if truncate:
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_RDWR)
-
-    def _send_rows(self, rows: list[dict[str, Any]], truncate: bool = False) -> None:
-        body = b"" if not rows else json.dumps(rows, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        self._send(200, body, "application/json", truncate)
-
-    def _send_zip(self, members: list[tuple[str, Any]], filename: str) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "application/zip")
-        self.send_header("Content-Disposition", f'attachment; filename="{filename}"')
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        for piece in iter_zip(members):
-            if self.emu._stopping.is_set():
-                self.close_connection = True
-                return
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-        self.wfile.write(b"0\r\n\r\n")
+            if "json" in ctype:
+                json_body = body
+            elif body:
+                form = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+        return Request(method, parts.path, query, form, json_body, self.headers)
 
     def _dispatch(self, method: str) -> None:
-        self._json_body = b""
+        self._headers_sent = False
         path = urlsplit(self.path).path
-        endpoint = "unknown"
+        endpoint: str | None = None
+        versioned: str | None = None
+        fault: Fault | None = None
         try:
+            req = self._request(method)
             if path.startswith("/emulator/"):
-                self._control(method, path[len("/emulator/"):], self._params(method))
+                self._write(controlapi.handle(self.emu, req, path[len("/emulator/"):]), endpoint, versioned)
                 return
-            params = self._params(method)
-            route = self._route(method, path)
+            route = routes.resolve(self.emu.shape, method, path)
             if route is None:
-                raise _HttpError(404, b"Not Found")
-            endpoint, handler = route
-            self.emu.count(endpoint)
+                raise not_found()
+            endpoint, versioned = route.name, route.versioned
+            self.emu.count(endpoint, versioned)
             self.emu.pause(self.emu.latency)
-            fault = self.emu.take_fault(endpoint)
-            truncate = False
+            fault = self.emu.take_fault(endpoint, versioned)
             if fault is not None:
                 self.emu.pause(fault.delay)
                 if fault.status is not None:
-                    raise _HttpError(fault.status, b"injected fault")
-                truncate = fault.truncate
-            handler(params, truncate)
-        except _HttpError as err:
-            self._send(err.status, err.body, err.content_type)
+                    self._write(proxy_page(fault.status), endpoint, versioned)
+                    return
+                req.fault = fault
+            call = routes.authorize(self.emu, req, route)
+            self._write(route.handler(self.emu, req, call), endpoint, versioned, fault)
+        except HttpError as err:
+            self._write(err.reply, endpoint, versioned)
         except (BrokenPipeError, ConnectionResetError, socket.timeout) as exc:
             log.debug("client went away during %s: %s", endpoint, exc)
             self.close_connection = True
         except Exception:  # a bug in the emulator must show as a 500, not a dead connection
             log.exception("emulator failure on %s %s", method, self.path)
+            if self._headers_sent:
+                self.close_connection = True
+                return
             try:
-                self._send(500, b"emulator internal error", "text/plain")
+                self._write(Reply(500, b"emulator internal error", "text/plain"), endpoint, versioned)
             except OSError:
                 self.close_connection = True
 
-    def _route(self, method: str, path: str) -> tuple[str, Any] | None:
-        if path == "/nbia-api/oauth/token" and method == "POST":
-            return "token", self._token
-        if path == "/nbia-api/logout":
-            return "logout", self._logout
-        prefix = "/nbia-api/services/"
-        if not path.startswith(prefix):
-            return None
-        rest = path[len(prefix):].strip("/").split("/")
-        if len(rest) == 2 and rest[0] in ("v1", "v2", "v4") and rest[1] in SEARCH_ENDPOINTS:
-            version, name = rest
-            return name, lambda params, truncate: self._search(version, name, params, truncate)
-        if len(rest) == 1 and rest[0] in ADVANCED_ENDPOINTS:
-            name = rest[0]
-            return name, lambda params, truncate: self._advanced(name, params, truncate)
-        return None
-
-    # ---- auth ----------------------------------------------------------------------------------
-    def _bearer(self) -> str | None:
-        header = self.headers.get("Authorization")
-        if header is None:
-            return None
-        scheme, _, value = header.strip().partition(" ")
-        return value.strip() if scheme.lower() == "bearer" else header.strip()
-
-    def _token(self, params: dict[str, list[str]], truncate: bool) -> None:
-        def one(key: str) -> str | None:
-            values = params.get(key)
-            return values[0] if values else None
-
-        def refuse(status: int, error: str, description: str) -> None:
-            body = json.dumps({"error": error, "error_description": description}).encode()
-            self._send(status, body, "application/json")
-
-        client_id, grant = one("client_id"), one("grant_type")
-        if client_id is None or client_id.lower() != "nbia":
-            return refuse(401, "unauthorized_client", "Invalid client or Invalid client credentials")
-        if grant == "password":
-            user, password = one("username"), one("password")
-            if user is None or password is None or not check_password(self.emu.passwords, user, password):
-                return refuse(401, "invalid_grant", "Invalid user credentials")
-            reply = self.emu.tokens.issue(user)
-        elif grant == "refresh_token":
-            refreshed = self.emu.tokens.refresh(one("refresh_token") or "")
-            if refreshed is None:
-                return refuse(401, "invalid_grant", "Invalid refresh token")
-            reply = refreshed
+    # ---- the writer ----------------------------------------------------------------------------
+    def _write(self, reply: Reply, endpoint: str | None, versioned: str | None, fault: Fault | None = None) -> None:
+        """Send ``reply``; its body bytes count for ``endpoint`` (``None``: not an NBIA call, not counted)."""
+        stream = reply.stream is not None
+        truncate = fault is not None and fault.truncate and not stream
+        corrupt = fault is not None and fault.corrupt and not stream
+        own = dict(reply.headers)
+        self.log_request(reply.status)
+        self.send_response_only(reply.status)
+        self.send_header("Server", own.pop("Server", self.version_string()))
+        self.send_header("Date", self.date_time_string())
+        self.send_header("Content-Type", reply.content_type)
+        size = 0
+        if stream:
+            self.send_header("Transfer-Encoding", "chunked")
         else:
-            return refuse(400, "unsupported_grant_type", "Unsupported grant_type")
-        self._send(200, json.dumps(reply).encode(), "application/json", truncate)
-
-    def _logout(self, params: dict[str, list[str]], truncate: bool) -> None:
-        token = self._bearer()
-        if token:
-            self.emu.tokens.revoke(token)
-        self._send(200, b"You Have Logged Out successfully.", "text/plain", truncate)
-
-    # ---- search API ----------------------------------------------------------------------------
-    def _search(self, version: str, name: str, params: dict[str, list[str]], truncate: bool) -> None:
-        if version == "v2":
-            token = self._bearer()
-            if token is None:
-                raise _HttpError(500, NO_AUTH_BODY)
-            user = self.emu.tokens.user_for(token)
-            if user is None and name not in HIDES_AUTH_FAILURE:
-                raise _HttpError(401, b'{"error":"invalid_token","error_description":"Invalid access token"}',
-                                 "application/json")
+            size = reply.file_size if reply.file is not None and reply.file_size is not None else (
+                reply.file.stat().st_size if reply.file is not None else len(reply.body))
+            self.send_header("Content-Length", str(size))
+        for name, value in own.items():
+            self.send_header(name, value)
+        if reply.api and urlsplit(self.path).path.startswith("/nbia-api/"):
+            for name, value in SPRING_HEADERS:
+                self.send_header(name, value)
+        if truncate:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self._headers_sent = True
+        if stream:
+            assert reply.stream is not None
+            if not self._send_pieces(reply.stream, endpoint, versioned, chunked=True):
+                return
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        marks = corrupt_offsets(size) if corrupt else ()
+        if reply.file is not None:
+            pieces: Iterable[bytes] = iter_file(reply.file, CHUNK_SIZE, marks)
         else:
-            user = GUEST_USER
-        arch = self.emu.archive
-        style = "v2" if version == "v2" else "v4"
+            pieces = _slices(flip(reply.body, 0, marks) if marks else reply.body)
+        if truncate:
+            pieces = _first_bytes(pieces, size // 2)
+        self._send_pieces(pieces, endpoint, versioned, chunked=False)
+        if truncate:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
 
-        def one(key: str, required: bool = False) -> str | None:
-            values = params.get(key)
-            if not values or values[0] == "":
-                if required:
-                    raise _bad_request(f"missing parameter {key}")
-                return None
-            return values[0]
-
-        def visible_series(uid: str) -> SeriesEntry | None:
-            entry = arch.series_by_uid(uid)
-            return entry if entry is not None and arch.is_visible(entry.collection, user) else None
-
-        if name == "getCollectionValues":
-            rows = [{"Collection": c.name} for c in arch.visible_collections(user)]
-            return self._send_rows(rows, truncate)
-        if name == "getPatient":
-            coll = one("Collection")
-            rows = [R.patient_row(p) for p in arch.patients
-                    if arch.is_visible(p.collection, user) and coll in (None, p.collection)]
-            return self._send_rows(rows, truncate)
-        if name == "getPatientStudy":
-            coll, pid, suid = one("Collection"), one("PatientID"), one("StudyInstanceUID")
-            if coll is None and pid is None and suid is None:
-                raise _bad_request("one of Collection, PatientID, StudyInstanceUID is required")
-            rows = [R.study_row(arch, s, style) for s in arch.studies
-                    if arch.is_visible(s.collection, user) and coll in (None, s.collection)
-                    and pid in (None, s.patient_id) and suid in (None, s.uid)]
-            return self._send_rows(rows, truncate)
-        if name == "getSeries":
-            filters = {key: one(key) for key in ("Collection", "PatientID", "StudyInstanceUID", "Modality",
-                                                 "BodyPartExamined", "Manufacturer", "ManufacturerModelName",
-                                                 "SeriesInstanceUID")}
-            rows = [R.series_row(arch, s, style) for s in arch.series
-                    if arch.is_visible(s.collection, user) and R.series_matches(s, filters)]
-            return self._send_rows(rows, truncate)
-        if name == "getUpdatedSeries":
-            since = _parse_date(one("fromDate", required=True) or "")
-            rows = [R.series_row(arch, s, style) for s in arch.series
-                    if arch.is_visible(s.collection, user) and s.timestamp.date() >= since]
-            return self._send_rows(rows, truncate)
-        if name == "getSOPInstanceUIDs":
-            entry = visible_series(one("SeriesInstanceUID", required=True) or "")
-            instances = arch.instances_of(entry.uid) if entry else []
-            random.Random(entry.uid if entry else 0).shuffle(instances)  # deterministic, not instance order
-            return self._send_rows([{"SOPInstanceUID": i.sop_uid} for i in instances], truncate)
-        if name == "getSeriesSize":
-            entry = visible_series(one("SeriesInstanceUID", required=True) or "")
-            rows = [{"TotalSizeInBytes": entry.file_size, "ObjectCount": entry.image_count}] if entry else []
-            return self._send_rows(rows, truncate)
-        if name == "getSingleImage":
-            series_uid = one("SeriesInstanceUID", required=True) or ""
-            sop_uid = one("SOPInstanceUID", required=True) or ""
-            entry = visible_series(series_uid)
-            inst = arch.instance_by_uid(sop_uid)
-            if entry is None or inst is None or inst.series_uid != entry.uid:
-                raise _HttpError(500, NO_AUTH_BODY)
-            data = Path(inst.path).read_bytes()
-            return self._send(200, data, "application/dicom", truncate,
-                              headers=[("Content-Disposition", f'attachment; filename="{sop_uid}.dcm"')])
-        if name == "getM5HashForImage":
-            inst = arch.instance_by_uid(one("SOPInstanceUid", required=True) or "")
-            if inst is None or not visible_series(inst.series_uid):
-                raise _HttpError(500, NO_AUTH_BODY)
-            return self._send(200, inst.md5.encode(), "text/plain", truncate)
-        if name in ("getImage", "getImageWithMD5Hash"):
-            series_uid = one("SeriesInstanceUID", required=True) or ""
-            entry = visible_series(series_uid)
-            if entry is None:
-                raise _bad_request("series not found or not authorized")
-            instances = arch.instances_of(entry.uid)
-            if truncate:  # what the real server does when files are missing: a short zip, status 200
-                instances = instances[: len(instances) // 2]
-            if name == "getImage":
-                new_names = (one("NewFileNames") or "").lower() == "yes"
-                members = [("LICENSE", lambda: R.license_text(arch, entry).encode("utf-8"))]
-                members += [(R.zip_name(pos, new_names), _reader(inst)) for pos, inst in enumerate(instances, 1)]
-            else:
-                members = [(f"{pos:08d}.dcm", _reader(inst)) for pos, inst in enumerate(instances, 1)]
-                csv = "Filename,MD5Hash\n" + "".join(f"{pos:08d}.dcm,{inst.md5}\n"
-                                                      for pos, inst in enumerate(instances, 1))
-                members.append(("md5hashes.csv", lambda: csv.encode()))
-            return self._send_zip(members, f"{entry.uid}.zip")
-        raise _HttpError(404, b"Not Found")
-
-    # ---- advanced API --------------------------------------------------------------------------
-    def _advanced(self, name: str, params: dict[str, list[str]], truncate: bool) -> None:
-        user = self.emu.tokens.user_for(self._bearer())
-        if user is None:
-            raise _HttpError(401, b'{"error":"invalid_token","error_description":"Full authentication is '
-                                  b'required to access this resource"}', "application/json")
-        arch = self.emu.archive
-        if name == "getStudyDrillDownWithSeriesIds":
-            uids = [u for u in params.get("list", []) if u]
-            if not uids:
-                raise _bad_request("missing parameter list")
-            chosen = [s for s in (arch.series_by_uid(u) for u in dict.fromkeys(uids))
-                      if s is not None and arch.is_visible(s.collection, user)]
-            return self._send_rows(R.study_drilldown(arch, chosen), truncate)
-        if name == "getImageDrillDown":
-            raw = [v for v in params.get("list", []) if v]
-            if not raw:
-                raise _bad_request("missing parameter list")
-            try:
-                pks = [int(v) for v in raw]
-            except ValueError as exc:
-                raise _bad_request("list must hold seriesPkId integers") from exc
-            rows: list[dict[str, Any]] = []
-            for pk in dict.fromkeys(pks):
-                entry = arch.series_by_pk(pk)
-                if entry is None or not arch.is_visible(entry.collection, user):
-                    continue
-                instances = arch.instances_of(entry.uid)
-                random.Random(pk).shuffle(instances)  # the real order is the database's, not instance order
-                rows += [R.image_drilldown_row(entry, inst) for inst in instances]
-            return self._send_rows(rows, truncate)
-        if name == "getCollectionDescriptions":
-            wanted = (params.get("collectionName") or [""])[0] or None
-            rows = [R.collection_description_row(c) for c in arch.visible_collections(user)
-                    if wanted in (None, c.name)]
-            return self._send_rows(rows, truncate)
-        if name == "getLicenses":
-            return self._send_rows([R.license_row(x) for x in arch.licenses], truncate)
-        raise _HttpError(404, b"Not Found")
-
-    # ---- control endpoints ---------------------------------------------------------------------
-    def _control(self, method: str, action: str, params: dict[str, list[str]]) -> None:
+    def _send_pieces(self, pieces: Iterable[bytes], endpoint: str | None, versioned: str | None, *,
+                     chunked: bool) -> bool:
+        """Write ``pieces`` paced and counted; False when the emulator stopped meanwhile (connection closed)."""
         emu = self.emu
-        ok = b'{"ok":true}'
-        if action == "stats" and method == "GET":
-            return self._send(200, json.dumps(dict(emu.stats()), sort_keys=True).encode())
-        if method != "POST":
-            raise _HttpError(405, b"use POST")
-        if action == "reset-stats":
-            emu.reset_stats()
-        elif action == "expire-tokens":
-            emu.expire_tokens()
-        elif action == "clear-faults":
-            emu.clear_faults()
-        elif action in ("faults", "refuse-refresh"):
-            try:
-                spec = json.loads(self._json_body or b"{}")
-                if not isinstance(spec, dict):
-                    raise ValueError("the body must be a JSON object")
-                if action == "refuse-refresh":
-                    emu.set_refuse_refresh(bool(spec.get("refuse", True)))
-                else:
-                    unknown = set(spec) - {"endpoint", "status", "count", "delay", "truncate"}
-                    if unknown:
-                        raise ValueError(f"unknown keys {sorted(unknown)}")
-                    emu.inject_fault(str(spec.get("endpoint", "")), status=spec.get("status"),
-                                     count=int(spec.get("count", 1)), delay=float(spec.get("delay", 0.0)),
-                                     truncate=bool(spec.get("truncate", False)))
-            except (ValueError, TypeError) as exc:
-                raise _bad_request(f"bad {action} request: {exc}") from exc
-        else:
-            raise _HttpError(404, b"Not Found")
-        self._send(200, ok)
+        for piece in pieces:
+            for part in _slices(piece):
+                if emu.stopping:
+                    self.close_connection = True
+                    return False
+                self._pacer.before_send(len(part), emu.pause)
+                if emu.stopping:
+                    self.close_connection = True
+                    return False
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part) if chunked else part)
+                if endpoint is not None:
+                    emu._stats.sent(endpoint, versioned or endpoint, len(part))
+        return True
 
 
-def _reader(inst: InstanceEntry) -> Any:
-    return lambda: Path(inst.path).read_bytes()
+def _slices(data: bytes) -> Iterator[bytes]:
+    if len(data) <= CHUNK_SIZE:
+        if data:
+            yield data
+        return
+    view = memoryview(data)
+    for start in range(0, len(data), CHUNK_SIZE):
+        yield bytes(view[start:start + CHUNK_SIZE])
+
+
+def _first_bytes(pieces: Iterable[bytes], limit: int) -> Iterator[bytes]:
+    left = limit
+    for piece in pieces:
+        if left <= 0:
+            return
+        yield piece[:left]
+        left -= len(piece)
