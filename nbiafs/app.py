@@ -59,7 +59,7 @@ class Layers:
                 continue
             try:
                 stop()
-            except Exception:  # noqa: BLE001 - stopping goes on
+            except Exception:
                 log.exception("error while stopping the %s", name)
 
 

@@ -398,7 +398,7 @@ class TokenManager:
         if not isinstance(body, dict) or not isinstance(body.get("access_token"), str) \
                 or not body["access_token"]:
             raise ProtocolError(f"token reply from {self.base_url} has no access_token")
-        expires_in = _seconds(body.get("expires_in"), default=7200.0)
+        expires_in = _seconds(body.get("expires_in"), default=7200.0) or 0.0
         refresh_in = _seconds(body.get("refresh_expires_in"), default=None)
         refresh = body.get("refresh_token")
         return Token(
@@ -438,6 +438,7 @@ class TokenManager:
                 self._wake.wait(delay)
                 self._wake.clear()
                 continue
+            assert token is not None  # due is None without a token
             try:
                 self._scheduled_renewal(token)
                 failures = 0

@@ -250,7 +250,7 @@ class Catalog:
         if node.kind == "series" and self.on_series_listed is not None:
             try:
                 self.on_series_listed(node, list(built.values()))
-            except Exception:  # noqa: BLE001 - a hook must never break listing
+            except Exception:
                 log.warning("on_series_listed hook failed for %s", node.path, exc_info=True)
         return built
 

@@ -220,7 +220,7 @@ class NbiaClient:
         for renewed in (False, True):
             used: list[str] = []
 
-            def token(call_deadline: Deadline) -> str:
+            def token(call_deadline: Deadline, used: list[str] = used) -> str:
                 used.append(tokens.get_token(call_deadline))
                 return used[-1]
 
@@ -553,7 +553,7 @@ class _ZipStream(Iterator[tuple[ZipMember, Iterator[bytes]]]):
     def __del__(self) -> None:
         try:
             self._response.close()
-        except Exception:  # interpreter shutdown
+        except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 
 

@@ -72,7 +72,7 @@ class DbThread:
         if final is not None:
             try:
                 self.call(final, timeout)
-            except Exception:  # noqa: BLE001 - closing must go on
+            except Exception:
                 log.debug("closing the cache database failed", exc_info=True)
         self._closed.set()
         try:

@@ -21,8 +21,16 @@ import platformdirs
 
 from . import daemon
 from .config import Settings, default_cache_dir
-from .mountcmd import check_allow_other, check_fuse, check_mountpoint, password_for, resolve_args, run_child, \
-    run_mount, start_background
+from .mountcmd import (
+    check_allow_other,
+    check_fuse,
+    check_mountpoint,
+    password_for,
+    resolve_args,
+    run_child,
+    run_mount,
+    start_background,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +71,7 @@ def demo(args: argparse.Namespace) -> int:
 
 def _serve_demo(settings: Settings, mp: str, password: str, reporter: daemon.ReadyReporter | None,
                 data_dir: Path) -> int:
-    from .emulator import Emulator
+    from .emulator.server import Emulator
 
     with ExitStack() as stack:
         emu = Emulator(data_dir, port=0)

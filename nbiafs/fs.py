@@ -42,7 +42,7 @@ from .errors import (
 log = logging.getLogger(__name__)
 
 #: mfusepy bound to libfuse3 (importing this module without libfuse3 raises FuseUnavailableError).
-fuse = fuselib.load()
+fuse: Any = fuselib.load()
 
 #: Preferred I/O size reported in st_blksize. Instances are 0.1-1 MB and always served whole from the
 #: cache file, so readers that size their buffers from st_blksize (cp, dd, Python's open()) read a
@@ -92,15 +92,15 @@ def _guarded(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _read_only(func: F) -> F:
-    """A write operation: always EROFS."""
+def _refused(name: str) -> Callable[..., int]:
+    """A write operation of the read-only file system: always EROFS."""
 
-    @functools.wraps(func)
-    def wrapper(self: NbiaFS, *args: Any, **kwargs: Any) -> Any:
-        log.debug("%s%r refused: read-only file system", func.__name__, args[:1])
-        raise fuse.FuseOSError(errno_for(ReadOnlyError(func.__name__)))
+    def refuse(self: NbiaFS, *args: Any, **kwargs: Any) -> int:
+        log.debug("%s%r refused: read-only file system", name, args[:1])
+        raise fuse.FuseOSError(errno_for(ReadOnlyError(name)))
 
-    return wrapper  # type: ignore[return-value]
+    refuse.__name__ = refuse.__qualname__ = name
+    return refuse
 
 
 class NbiaFS(fuse.Operations):
@@ -288,50 +288,21 @@ class NbiaFS(fuse.Operations):
         return 0
 
     # ------------------------------------------------------------------ writes: all refused
-    @_read_only
-    def write(self, path: str, data: bytes, offset: int, fh: Any) -> int: ...
-
-    @_read_only
-    def create(self, path: str, mode: int, fi: Any = None) -> int: ...
-
-    @_read_only
-    def mkdir(self, path: str, mode: int) -> int: ...
-
-    @_read_only
-    def mknod(self, path: str, mode: int, dev: int) -> int: ...
-
-    @_read_only
-    def unlink(self, path: str) -> int: ...
-
-    @_read_only
-    def rmdir(self, path: str) -> int: ...
-
-    @_read_only
-    def rename(self, old: str, new: str) -> int: ...
-
-    @_read_only
-    def chmod(self, path: str, mode: int) -> int: ...
-
-    @_read_only
-    def chown(self, path: str, uid: int, gid: int) -> int: ...
-
-    @_read_only
-    def truncate(self, path: str, length: int, fh: Any = None) -> int: ...
-
-    @_read_only
-    def utimens(self, path: str, times: Any = None) -> int: ...
-
-    @_read_only
-    def symlink(self, target: str, source: str) -> int: ...
-
-    @_read_only
-    def link(self, target: str, source: str) -> int: ...
-
-    @_read_only
-    def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int: ...
-
-    @_read_only
-    def removexattr(self, path: str, name: str) -> int: ...
+    write = _refused("write")
+    create = _refused("create")
+    mkdir = _refused("mkdir")
+    mknod = _refused("mknod")
+    unlink = _refused("unlink")
+    rmdir = _refused("rmdir")
+    rename = _refused("rename")
+    chmod = _refused("chmod")
+    chown = _refused("chown")
+    truncate = _refused("truncate")
+    utimens = _refused("utimens")
+    symlink = _refused("symlink")
+    link = _refused("link")
+    setxattr = _refused("setxattr")
+    removexattr = _refused("removexattr")
 
 
 def mount_options(kernel_timeout: float, negative_timeout: float = DEFAULT_NEGATIVE_TIMEOUT, *,

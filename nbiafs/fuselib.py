@@ -78,7 +78,7 @@ def find_libfuse3() -> str | None:
             return candidate
         if candidate == override:
             log.warning("FUSE_LIBRARY_PATH=%s is not a libfuse3 (version %s); looking for libfuse3 instead",
-                        override, "unknown" if version is None else "%d.%d" % version)
+                        override, "unknown" if version is None else f"{version[0]}.{version[1]}")
     return None
 
 
@@ -91,15 +91,19 @@ def _missing_message() -> str:
 def load() -> ModuleType:
     """mfusepy, bound to libfuse3. Raises :class:`FuseUnavailableError` naming the package to install."""
     with _lock:
-        module = sys.modules.get("mfusepy")
-        if module is None:
+        loaded = sys.modules.get("mfusepy")
+        if loaded is not None:
+            module: ModuleType = loaded
+        else:
             path = find_libfuse3()
             if path is None:
                 raise FuseUnavailableError(_missing_message())
             saved = os.environ.get("FUSE_LIBRARY_PATH")
             os.environ["FUSE_LIBRARY_PATH"] = path
             try:
-                import mfusepy as module
+                import mfusepy
+
+                module = mfusepy
             except (OSError, AttributeError) as exc:
                 raise FuseUnavailableError(f"cannot load libfuse3 from {path} ({exc}); {INSTALL_HINT}") from exc
             finally:
@@ -109,9 +113,10 @@ def load() -> ModuleType:
                     os.environ["FUSE_LIBRARY_PATH"] = saved
             log.debug("mfusepy bound to %s (libfuse %d.%d)", path, *loaded_version(module))
         if loaded_version(module)[0] != 3:
+            major, minor = loaded_version(module)
             raise FuseUnavailableError(
-                "mfusepy was already bound to libfuse %d.%d in this process; nbiafs needs libfuse3 (%s)"
-                % (*loaded_version(module), INSTALL_HINT))
+                f"mfusepy was already bound to libfuse {major}.{minor} in this process; nbiafs needs libfuse3 "
+                f"({INSTALL_HINT})")
         return module
 
 

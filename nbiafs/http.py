@@ -106,7 +106,7 @@ def read_body_before(response: requests.Response, deadline: Deadline,
             raise ClosedError() from None
         raise requests.exceptions.ChunkedEncodingError(str(exc)) from None
     response._content = b"".join(chunks)  # what requests itself stores once a body is read
-    response._content_consumed = True
+    response._content_consumed = True  # type: ignore[attr-defined]
 
 
 class Retryable(Exception):

@@ -310,10 +310,10 @@ def add_flags(parser: argparse.ArgumentParser, groups: Iterable[str]) -> None:
                                 default=None, help=text)
         else:
             text = f"{opt.help} (default: {opt.default_text()})"
+            upper: dict[str, Any] = {"type": str.upper} if opt.name == "log_level" else {}
             parser.add_argument(*names, dest=opt.name, default=None,
                                 metavar=None if opt.choices else (opt.metavar or opt.name.upper()),
-                                help=text, choices=opt.choices or None,
-                                type=str.upper if opt.name == "log_level" else None)
+                                help=text, choices=opt.choices or None, **upper)
 
 
 def given_flags(args: argparse.Namespace, groups: Iterable[str]) -> dict[str, Any]:

@@ -51,8 +51,10 @@ def json_rows(body: bytes | str, endpoint: str) -> list[Row]:
         return []
     try:
         value = json.loads(text)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise ProtocolError(f"{endpoint}: the server sent malformed JSON ({exc.msg} at char {exc.pos})") from None
+    except ValueError as exc:  # e.g. an unpaired surrogate escape
+        raise ProtocolError(f"{endpoint}: the server sent malformed JSON ({exc})") from None
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(row, dict) for row in value):
@@ -312,7 +314,8 @@ def collection_description_from(row: Row) -> CollectionDescription | None:
 
 
 def license_from(row: Row) -> License | None:
-    nested = row.get("license") if isinstance(row.get("license"), dict) else {}
+    raw_nested = row.get("license")
+    nested: Row = raw_nested if isinstance(raw_nested, dict) else {}
     license_id = int_or_none(_first(row, "id")) if row.get("id") is not None else int_or_none(nested.get("id"))
     if license_id is None:
         return None

@@ -20,7 +20,7 @@ def fresh_copy(error: BaseException) -> BaseException:
     """A copy of ``error`` to raise in another thread (so tracebacks do not pile up on one object)."""
     try:
         return copy.copy(error)
-    except Exception:  # an exception type that cannot be copied: raise the original
+    except Exception:  # noqa: BLE001 - an exception type that cannot be copied: raise the original
         return error
 
 

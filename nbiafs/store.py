@@ -91,7 +91,7 @@ def _instance_number(stream: BinaryIO, sop_uid: str) -> int | None:
         ds = pydicom.dcmread(stream, stop_before_pixels=True, specific_tags=["InstanceNumber"], force=True)
         value = ds.get("InstanceNumber")
         return int(value) if value not in (None, "") else None
-    except Exception as exc:  # a malformed header must not hide the file: it sorts last
+    except Exception as exc:  # noqa: BLE001 - a malformed header must not hide the file: it sorts last
         log.info("no InstanceNumber in %s: %s", sop_uid, exc)
         return None
 
@@ -128,7 +128,7 @@ class _Counters:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._values = {name: 0 for name in StoreStats.__dataclass_fields__}
+        self._values = dict.fromkeys(StoreStats.__dataclass_fields__, 0)
 
     def add(self, name: str, amount: int = 1) -> None:
         with self._lock:
@@ -145,7 +145,7 @@ class _TidyDisk(diskcache.Disk):
     diskcache itself leaves such a file behind unreferenced (never served, but never reclaimed).
     """
 
-    def _write(self, full_path, iterator, mode, encoding=None):  # type: ignore[no-untyped-def]
+    def _write(self, full_path, iterator, mode, encoding=None):
         try:
             return super()._write(full_path, iterator, mode, encoding)
         except BaseException:
@@ -452,11 +452,11 @@ class InstanceStore:
             with self._lock:
                 if key in self._flights:  # a direct open is fetching it already
                     return
-                flight = Flight()
+                flight: Flight[bytes] = Flight()
                 self._flights[key] = flight
             self._lead(key, node, flight)
             self._counters.add("prefetches")
-        except Exception as exc:  # logged and counted; the next open of this file tries again
+        except Exception as exc:  # noqa: BLE001 - logged and counted; the next open of this file tries again
             self._counters.add("prefetch_errors")
             log.info("prefetch of %s failed: %s", node.sop_uid, exc)
         finally:

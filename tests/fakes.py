@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nbiafs.client import drill_down
-from nbiafs.errors import NotFoundError, RemoteNotFoundError, ServerError
+from nbiafs.errors import RemoteNotFoundError, ServerError
 from nbiafs.records import (
     Collection,
     CollectionDescription,

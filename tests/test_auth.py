@@ -238,7 +238,7 @@ def test_threads_waiting_on_a_failing_login_share_its_failure_instead_of_each_re
     def worker() -> None:
         try:
             tm.get_token()
-        except Exception as exc:  # noqa: BLE001 - the test inspects it
+        except Exception as exc:
             with lock:
                 errors.append(exc)
 
@@ -277,7 +277,7 @@ def test_threads_waiting_after_a_401_share_a_failed_renewal(rsps, monkeypatch):
     def worker() -> None:
         try:
             tm.handle_unauthorized(failed)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             with lock:
                 errors.append(exc)
 

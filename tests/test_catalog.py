@@ -9,21 +9,21 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from fakes import FakeArchive, FakeNbiaClient, build_archive
+from test_naming import assert_valid_name
+
 from nbiafs.catalog import DEFAULT_MTIME, Catalog, Node
 from nbiafs.errors import (
     BadRequestError,
     ForbiddenError,
     NotFoundError,
-    RemoteNotFoundError,
     OfflineError,
     ProtocolError,
+    RemoteNotFoundError,
     ServerError,
     TokenExpiredError,
 )
 from nbiafs.metacache import MetadataCache
-from test_naming import assert_valid_name
 
 NS = "http://127.0.0.1:1|nbia_guest"
 
@@ -152,7 +152,7 @@ def test_sixteen_threads_listing_one_directory_make_one_call(cat, fake):
         try:
             barrier.wait(10)
             results.append([n.path for n in cat.children("/Coll-1")])
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=lister) for _ in range(16)]
@@ -267,7 +267,7 @@ def hostile_archive() -> FakeArchive:
         a.add_study(coll, "PAT 01", "1.2.840.5.44444", description="胸部 CT\n"),
         a.add_study(coll, "PAT 01", "1.2.840.6.55555", description=""),
     ]
-    for n, study in enumerate(studies):
+    for _n, study in enumerate(studies):
         for k, desc in enumerate(["<MPR Range[1]>", "<MPR Range[1]>", None, "a/b"]):
             series = a.add_series(study, f"{study.study_uid}.{k}.77777", number=1 if k < 2 else k,
                                   description=desc)

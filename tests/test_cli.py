@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import nbiafs_cli, require_fuse, teardown_mount
+
 from nbiafs import daemon
 
 

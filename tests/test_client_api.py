@@ -204,7 +204,7 @@ def test_threads_waiting_for_another_threads_login_give_up_with_their_own_deadli
         def lead() -> None:
             try:
                 tokens.get_token(Deadline.after(2.5))
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 outcome.append(exc)
 
         leader = threading.Thread(target=lead, daemon=True)
@@ -239,7 +239,7 @@ def test_close_cuts_a_transfer_in_flight_at_once():
         def read() -> None:
             try:
                 client.collections()
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 failed.append(exc)
 
         worker = threading.Thread(target=read, daemon=True)

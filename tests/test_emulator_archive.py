@@ -13,8 +13,7 @@ import pydicom
 import pytest
 from conftest import require_tool
 
-from nbiafs.emulator import Archive, ensure_archive
-from nbiafs.emulator import samples
+from nbiafs.emulator import Archive, ensure_archive, samples
 from nbiafs.errors import ConfigError
 
 

@@ -10,7 +10,7 @@ import pytest
 from nbiafs.auth import TokenManager
 from nbiafs.client import NbiaClient
 from nbiafs.emulator import TEST_PASSWORD, TEST_USER
-from nbiafs.errors import ForbiddenError, RemoteNotFoundError, ProtocolError
+from nbiafs.errors import ForbiddenError, ProtocolError, RemoteNotFoundError
 
 
 def make_client(emu, user: str = "nbia_guest", password: str = "", api: str = "v2") -> NbiaClient:

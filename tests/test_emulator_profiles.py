@@ -12,8 +12,7 @@ import pydicom
 import pytest
 import requests
 
-from nbiafs.emulator import Emulator, ensure_archive
-from nbiafs.emulator import synthetic
+from nbiafs.emulator import Emulator, ensure_archive, synthetic
 from nbiafs.emulator.profiles import PRESETS, SyntheticSpec, parse_profile
 from nbiafs.errors import ConfigError
 

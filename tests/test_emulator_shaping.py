@@ -113,7 +113,7 @@ def test_link_cap_is_shared_between_connections(make_emulator, archive) -> None:
     total = sum(r[0] for r in results)
     first_start = min(r[1] for r in results)
     assert max(r[2] for r in results) - first_start >= (total - CHUNK_SIZE) / rate * 0.95
-    for size, start, end in results:  # both progressed together: neither had the link to itself
+    for _size, _start, end in results:  # both progressed together: neither had the link to itself
         assert end - first_start >= 0.7 * total / rate
 
 

@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import on_ci
+
 from nbiafs import fuselib
 
 

@@ -321,9 +321,9 @@ def test_one_database_connection_whatever_thread_asks(tmp_path, monkeypatch):
         cache.flush()
         cache._memory.clear()  # every lookup below reads the disk
         baseline = len(connects)
-        for n in range(40):  # each from a brand-new thread, as from libfuse's native threads
-            seen = []
-            worker = threading.Thread(target=lambda: seen.append(cache.get("patients", "C")))
+        for _ in range(40):  # each from a brand-new thread, as from libfuse's native threads
+            seen: list = []
+            worker = threading.Thread(target=lambda seen=seen: seen.append(cache.get("patients", "C")))
             worker.start()
             worker.join()
             assert seen == [[Collection("x")]]

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import first_series, nbiafs_cli
+
 from nbiafs import daemon
 from nbiafs.emulator import TEST_PASSWORD, TEST_USER
 
@@ -132,7 +132,7 @@ def test_dead_server_gives_eio_quickly_and_cached_files_still_read(make_emulator
 
 def test_reads_keep_working_across_several_token_lifetimes(make_emulator, archive, mounter) -> None:
     emu = make_emulator(token_ttl=3)
-    m = mounter(emu, extra=("--no-prefetch",))
+    m = mounter(emu, extra=("--no-prefetch", "--api", "v2"))
     series = first_series(m.path)
     names = sorted(os.listdir(series))
     pause = threading.Event()
@@ -150,7 +150,7 @@ def test_reads_keep_working_across_several_token_lifetimes(make_emulator, archiv
 
 def test_tokens_expired_mid_walk_keep_the_walk_working(make_emulator, archive, mounter) -> None:
     emu = make_emulator()
-    m = mounter(emu, extra=("--no-prefetch",))
+    m = mounter(emu, extra=("--no-prefetch", "--api", "v2"))
     colls = sorted(os.listdir(m.path))
     os.listdir(m.path / colls[0])
     emu.expire_tokens()

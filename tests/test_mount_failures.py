@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import first_series, nbiafs_cli, series_of_count, teardown_mount, wait_until
+
 from nbiafs import daemon
 from nbiafs.emulator import TEST_PASSWORD, TEST_USER
 
@@ -224,7 +224,7 @@ def test_a_guest_mount_never_sees_or_serves_what_a_named_account_fetched_on_the_
 def test_a_token_expired_right_after_the_mount_started_keeps_the_mount_working(
         make_emulator, archive, mounter) -> None:
     emu = make_emulator()
-    m = mounter(emu, extra=("--no-prefetch",))
+    m = mounter(emu, extra=("--no-prefetch", "--api", "v2"))
     emu.expire_tokens()  # whatever token the mount process holds, it is dead before its first call
     series = first_series(m.path)
     names = sorted(os.listdir(series))

@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import wait_until
 
 pytestmark = pytest.mark.fuse
@@ -108,7 +107,7 @@ def test_names_are_visible_unique_and_stable_across_remounts(emulator, mounter, 
         for part in rel.split(os.sep):
             assert not part.startswith(".") and part.strip() == part and part
     # unique: os.walk would have merged duplicates; compare with the directory entry counts
-    for dirpath, dirnames, filenames in os.walk(second.path):
+    for _dirpath, dirnames, filenames in os.walk(second.path):
         names = dirnames + filenames
         assert len(names) == len(set(names))
 

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.fuse
 def mounted(tmp_path_factory, archive_dir):
     """One mount for the whole module (readers only read). Torn down like every mount."""
     from conftest import nbiafs_cli, require_fuse, teardown_mount
+
     from nbiafs import daemon
     from nbiafs.emulator import Emulator
 

@@ -13,12 +13,12 @@ import threading
 from pathlib import Path
 
 import pytest
+from fakes import FakeArchive, FakeNbiaClient, fake_dicom_bytes
 
 import nbiafs.store as store_mod
 from nbiafs.catalog import Node
-from nbiafs.errors import IntegrityError, OfflineError, ServerError
+from nbiafs.errors import OfflineError, ServerError
 from nbiafs.store import InstanceStore
-from fakes import FakeArchive, FakeNbiaClient, fake_dicom_bytes
 
 WAIT = 10.0  # seconds any test waits for an event before failing (never reached when things work)
 SERIES = "1.2.826.0.1.3680043.9.7.1.1.1.1"

@@ -13,7 +13,7 @@ from .archive import Archive, ensure_archive
 __all__ = ["Archive", "Emulator", "ensure_archive", "GUEST_USER", "TEST_USER", "TEST_PASSWORD"]
 
 
-def __getattr__(name: str):  # the server module is imported only when Emulator is used
+def __getattr__(name: str) -> object:  # the server module is imported only when Emulator is used
     if name == "Emulator":
         from .server import Emulator
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 from .archive import Archive, InstanceEntry, PatientEntry, SeriesEntry, StudyEntry
 
@@ -155,7 +155,7 @@ def _rewrite(src: Path, dest: Path, *, patient: PatientEntry, study: StudyEntry,
     ds.SeriesNumber = series_number
     ds.SeriesDescription = description
     ds.SOPInstanceUID = sop_uid
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     ds.FrameOfReferenceUID = frame_uid
     ds.InstanceNumber = number
     with warnings.catch_warnings():

@@ -300,9 +300,8 @@ def ensure_archive(data_dir: str | os.PathLike[str], profile: str | None = None)
             raise ConfigError(f"emulator archive {root} holds profile {archive.profile!r}, not "
                               f"{wanted.canonical!r}; choose another --data folder (or delete this one)")
         return archive
-    if root.exists():
-        if not root.is_dir() or any(root.iterdir()):
-            raise ConfigError(f"{root} exists and is not an emulator archive; choose another --data folder")
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise ConfigError(f"{root} exists and is not an emulator archive; choose another --data folder")
     return _build(root, _builder(wanted), replace=False)
 
 

@@ -96,8 +96,8 @@ def get_doi(emu: Emulator, req: Request) -> Reply:
         doi = doi[len(DOI_LINK):]
     collection = find(emu.archive, doi) if doi else None
     if collection is None:
-        body = {"errors": [{"status": "404", "title": "The resource you are looking for doesn't exist."}]}
-        raise HttpError(404, json.dumps(body).encode(), CONTENT_TYPE, api=False)
+        missing = {"errors": [{"status": "404", "title": "The resource you are looking for doesn't exist."}]}
+        raise HttpError(404, json.dumps(missing).encode(), CONTENT_TYPE, api=False)
     as_object = (req.one("publisher") or "").lower() == "true"
     body = json.dumps(record(collection, doi_of(collection) or doi, as_object), ensure_ascii=False).encode()
     return Reply(200, body, CONTENT_TYPE, api=False)

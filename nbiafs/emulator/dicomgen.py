@@ -29,7 +29,7 @@ from typing import BinaryIO
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498"  # pydicom's UID root, as the sample archive's UIDs use
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -102,8 +102,8 @@ def _dataset(h: SeriesHeader, placeholder_uid: str) -> Dataset:
     multi = h.frames > 1
     sop_class = ENHANCED_CT_IMAGE if multi else (MR_IMAGE if h.modality == "MR" else CT_IMAGE)
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = placeholder_uid
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(placeholder_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.file_meta = meta

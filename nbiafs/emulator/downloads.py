@@ -30,7 +30,7 @@ from .control import corrupt_offsets
 from .listings import visible_series
 from .replies import Call, HttpError, Reply, Request, bad_request, iter_file
 from .shaping import CHUNK_SIZE
-from .zipstream import Member, iter_zip
+from .zipstream import Member, Reader, iter_zip
 
 if TYPE_CHECKING:
     from .server import Emulator
@@ -51,12 +51,12 @@ def get_single_image(emu: Emulator, req: Request, call: Call) -> Reply:
                  headers=(("Content-Disposition", f'attachment; filename="{sop_uid}.dcm"'),))
 
 
-def _member(inst: InstanceEntry, corrupt: bool) -> Member:
+def _member(inst: InstanceEntry, corrupt: bool) -> Reader:
     marks = corrupt_offsets(inst.size) if corrupt else ()
     return lambda: iter_file(inst.path, CHUNK_SIZE, marks)
 
 
-def _bytes_member(data: bytes) -> Member:
+def _bytes_member(data: bytes) -> Reader:
     return lambda: (data,)
 
 
@@ -77,7 +77,7 @@ def get_image(emu: Emulator, req: Request, call: Call) -> Reply:
     corrupt = fault is not None and fault.corrupt
     if call.name == "getImageWithMD5Hash":
         names = [f"{pos:08d}.dcm" for pos in range(1, len(instances) + 1)]
-        members: list[tuple[str, Member]] = []
+        members: list[Member] = []
         with_md5 = True
     else:
         new_names = (req.one("NewFileNames") or "").lower() == "yes"

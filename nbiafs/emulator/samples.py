@@ -14,22 +14,21 @@ number and description, and a PatientID holding a space.
 
 from __future__ import annotations
 
-import io
 import datetime as dt
 import hashlib
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.data import get_testdata_file
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.datadict import dictionary_VR
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
-from .archive import (Archive, CollectionEntry, InstanceEntry, LicenseEntry, PatientEntry, SeriesEntry,
-                      StudyEntry)
+from .archive import Archive, CollectionEntry, InstanceEntry, LicenseEntry, PatientEntry, SeriesEntry, StudyEntry
 
 _ENTROPY = "nbiafs-emulator-archive-v1"
 _SOURCES = {"CT": "CT_small.dcm", "MR": "MR_small.dcm"}
@@ -183,7 +182,10 @@ class _Template:
 
 
 def _load_template(name: str) -> _Template:
-    ds = pydicom.dcmread(get_testdata_file(name))
+    source = get_testdata_file(name)
+    if not isinstance(source, str):
+        raise FileNotFoundError(f"pydicom's test file {name} is missing")
+    ds = pydicom.dcmread(source)
     pixels = ds.pixel_array.copy()
     ds.remove_private_tags()
     for keyword in ("SmallestImagePixelValue", "LargestImagePixelValue", "OtherPatientIDs", "PixelData",
@@ -254,7 +256,7 @@ def _make_slice(template: _Template, *, k: int, n: int, patient: PatientSpec, st
     lo, hi = int(base.min()), int(base.max())
     pixels = np.clip(lo + (pixels - lo) * scale, lo, hi).astype(base.dtype)
     ds.PixelData = pixels.tobytes()
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     return ds
 
@@ -262,7 +264,11 @@ def _make_slice(template: _Template, *, k: int, n: int, patient: PatientSpec, st
 def build_into(root: Path) -> Archive:
     """Write the whole sample archive into the empty directory ``root`` and return it (index not yet written)."""
     templates = {kind: _load_template(name) for kind, name in _SOURCES.items()}
-    collections, patients, studies, series_list, instances = [], [], [], [], []
+    collections: list[CollectionEntry] = []
+    patients: list[PatientEntry] = []
+    studies: list[StudyEntry] = []
+    series_list: list[SeriesEntry] = []
+    instances: list[InstanceEntry] = []
     pk_series, pk_image = 1_000_000, 5_000_000
     for c_index, cspec in enumerate(SPEC):
         license = next(x for x in LICENSES if x.id == cspec.license_id)

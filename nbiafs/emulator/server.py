@@ -288,7 +288,7 @@ class _Handler(BaseHTTPRequestHandler):
     def version_string(self) -> str:
         return self.server_version
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
     def do_GET(self) -> None:
@@ -349,7 +349,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._write(route.handler(self.emu, req, call), endpoint, versioned, fault)
         except HttpError as err:
             self._write(err.reply, endpoint, versioned)
-        except (BrokenPipeError, ConnectionResetError, socket.timeout) as exc:
+        except (TimeoutError, BrokenPipeError, ConnectionResetError) as exc:
             log.debug("client went away during %s: %s", endpoint, exc)
             self.close_connection = True
         except Exception:  # a bug in the emulator must show as a 500, not a dead connection

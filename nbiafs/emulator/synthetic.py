@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from . import dicomgen as G
@@ -44,7 +45,10 @@ def build_into(root: Path, spec: SyntheticSpec) -> Archive:
     prefix = name.split("-")[-1].upper()[:8]
     maker, model, software = _MAKER[spec.modality]
     phantoms: dict[tuple[int, int], G.Phantom] = {}
-    patients, studies, series_list, instances = [], [], [], []
+    patients: list[PatientEntry] = []
+    studies: list[StudyEntry] = []
+    series_list: list[SeriesEntry] = []
+    instances: list[InstanceEntry] = []
     series_index = sop_index = 0
     for p in range(spec.patients):
         patient_id = f"{prefix}-{p + 1:04d}"
@@ -78,6 +82,7 @@ def build_into(root: Path, spec: SyntheticSpec) -> Archive:
                     sop_uid = G.uid(key, _KIND["sop"], sop_index)
                     sop_index += 1
                     rel = f"dicom/{series_uid}/{k + 1:05d}.dcm"
+                    frames: Iterator[bytes]
                     if spec.frames > 1:
                         frames = (phantom.slice(f, spec.frames) for f in range(spec.frames))
                     else:

@@ -14,7 +14,9 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator
 
 #: A zip member: its name and a function returning its content's chunks (called when it is written).
-Member = tuple[str, Callable[[], Iterable[bytes]]]
+#: What yields one member's bytes, and a member: its name and that.
+Reader = Callable[[], Iterable[bytes]]
+Member = tuple[str, Reader]
 
 _DATE_TIME = (2020, 1, 1, 0, 0, 0)  # fixed, so the same series always gives the same zip
 
@@ -41,7 +43,7 @@ class _Sink:
 def iter_zip(members: Iterable[Member], compresslevel: int = 1) -> Iterator[bytes]:
     """Yield the bytes of a zip holding ``members``, one piece per member plus the directory."""
     sink = _Sink()
-    with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_DEFLATED,  # type: ignore[arg-type]
+    with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_DEFLATED,  # type: ignore[call-overload]
                          compresslevel=compresslevel) as zf:
         for name, read in members:
             info = zipfile.ZipInfo(name, date_time=_DATE_TIME)
