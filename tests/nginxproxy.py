@@ -29,6 +29,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from localhttp import LocalServer
+
 from nbiafs import daemon
 
 REPO = Path(__file__).resolve().parents[1]

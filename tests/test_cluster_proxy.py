@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from conftest import require_tool
 from nginxproxy import PLACEHOLDERS, SNIPPET, STANDALONE, NginxProxy, SpringLikeUpstream, placeholders_in
 
