@@ -356,3 +356,7 @@ def markdown_table() -> str:
         lines.append(f"| `{flag}` | {opt.default_text()} | {what} | {opt.why} |")
     lines += ["", MARKDOWN_END]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m nbiafs.options: the table for docs/usage.md
+    print(markdown_table())

@@ -48,7 +48,8 @@ def image_drill_down(emu: Emulator, req: Request, call: Call) -> Reply:
         study = arch.study_by_uid(entry.study_uid)
         instances = arch.instances_of(entry.uid)
         random.Random(pk).shuffle(instances)  # the real order is the database's, not instance order
-        found += [R.image_drilldown_row(entry, inst, call.style, study.date if study else None)
+        found += [R.image_drilldown_row(entry, inst, call.style, study.date if study else None,
+                                        size=emu.reported_size(inst.sop_uid, inst.size))
                   for inst in instances]
     return rows(found)
 

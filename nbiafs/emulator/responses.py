@@ -140,13 +140,13 @@ def study_drilldown(arch: Archive, chosen: list[SeriesEntry], style: str = "adva
 
 
 def image_drilldown_row(s: SeriesEntry, inst: InstanceEntry, style: str = "advanced",
-                        content_date: dt.date | None = None) -> dict[str, Any]:
+                        content_date: dt.date | None = None, size: int | None = None) -> dict[str, Any]:
     return clean({
         "contentDate": fmt_date(content_date, "v4") if style == "v4" else None,
         "imagePkId": inst.pk_id, "seriesPkId": s.pk_id, "instanceNumber": inst.instance_number,
         "acquisitionNumber": inst.instance_number,  # the real server's bug, reproduced
         "sopInstanceUid": inst.sop_uid, "seriesInstanceUid": inst.series_uid,
-        "studyInstanceUid": inst.study_uid, "size": inst.size,
+        "studyInstanceUid": inst.study_uid, "size": inst.size if size is None else size,
         "fileURI": f"/usr/local/tomcat/storage/{inst.rel_path}", "project": s.collection, "frameNum": 0,
     })
 

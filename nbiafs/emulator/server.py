@@ -113,6 +113,7 @@ class Emulator:
         self._stats = Stats()
         self._faults = FaultBook()
         self._mutate_lock = threading.Lock()
+        self._reported_sizes: dict[str, int] = {}  # sop uid -> the size the drill-downs claim (a lie)
         self._scratch: Path | None = None
         self._stopping = threading.Event()
         self._server: _Server | None = None
@@ -241,6 +242,25 @@ class Emulator:
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
+
+    def change_password(self, user: str, password: str) -> None:
+        """The identity provider now expects ``password`` for ``user`` (a password changed elsewhere)."""
+        self.passwords = {**self.passwords, user: password}
+
+    # ---- metadata that lies -------------------------------------------------------------------
+    def report_size(self, sop_uid: str, size: int | None) -> None:
+        """Make the drill-downs claim ``size`` bytes for instance ``sop_uid`` (0, negative or wrong, as
+        a real database can), while ``getSingleImage`` keeps sending the true file; None: the truth."""
+        with self._mutate_lock:
+            if size is None:
+                self._reported_sizes.pop(sop_uid, None)
+            else:
+                self._reported_sizes[sop_uid] = int(size)
+
+    def reported_size(self, sop_uid: str, true_size: int) -> int:
+        """The size the drill-downs give for ``sop_uid``."""
+        with self._mutate_lock:
+            return self._reported_sizes.get(sop_uid, true_size)
 
     # ---- changing the archive while serving ----------------------------------------------------
     def add_series(self, collection: str, *, patient_id: str | None = None, study_uid: str | None = None,
