@@ -13,7 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TEST_ENV, first_series, nbiafs_cli, series_of_count, teardown_mount, wait_until
+from conftest import (
+    REPO,
+    TEST_ENV,
+    first_series,
+    nbiafs_cli,
+    require_tool,
+    series_of_count,
+    teardown_mount,
+    wait_until,
+)
 
 from nbiafs import daemon
 from nbiafs.emulator import TEST_PASSWORD, TEST_USER
@@ -166,3 +175,40 @@ def test_a_hanging_token_endpoint_holds_an_open_for_the_deadline_not_minutes(mak
     started = time.monotonic()
     assert errno_of(file.read_bytes) == errno.EIO
     assert time.monotonic() - started < 3 + 4  # the deadline, plus the kernel's and the mount's own slack
+
+
+# ---------------------------------------------------------------------------------- threads and the cache database
+def test_warm_opens_open_the_cache_database_a_bounded_number_of_times(emulator, mounter, tmp_path) -> None:
+    """libfuse gives every callback a fresh Python thread state: thread-local SQLite connections were
+    opened again and again (a warm remount opened cache.db 24 times for 120 opens). Counted with strace
+    on the real mount process."""
+    require_tool("strace", "strace")
+    cache = tmp_path / "cache"
+    first = mounter(emulator, cache_dir=cache)
+    series = series_of_count(first.path, "Demo-Chest-CT", "DCC-0001", 120)
+    relative = series.relative_to(first.path)
+    for name in sorted(os.listdir(series)):
+        (series / name).read_bytes()
+    first.unmount()
+    warm = mounter(emulator, cache_dir=cache)
+    series = warm.path / relative
+    names = sorted(os.listdir(series))
+    trace = tmp_path / "strace.out"
+    tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=open,openat", "-o", str(trace),
+                               "-p", str(warm.pids[0])], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_until(lambda: trace.exists() and trace.stat().st_size >= 0 and _attached(warm.pids[0]), 10)
+        for name in names:  # 120 warm opens, each on whichever libfuse thread the kernel picks
+            with open(series / name, "rb") as fh:
+                fh.read(16)
+    finally:
+        tracer.terminate()
+        tracer.wait(30)
+    opened = [line for line in trace.read_text().splitlines() if "cache.db" in line and "= -1" not in line]
+    assert len(opened) <= 2, f"cache.db opened {len(opened)} times for {len(names)} warm opens"
+
+
+def _attached(pid: int) -> bool:
+    """True once a tracer is attached to ``pid`` (its TracerPid is set)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return any(line.startswith("TracerPid:") and line.split()[1] != "0" for line in status.splitlines())
