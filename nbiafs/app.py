@@ -21,6 +21,7 @@ from .client import NbiaClient
 from .config import GUEST_USER, Settings
 from .metacache import MetadataCache
 from .store import InstanceStore
+from .walkahead import WalkAhead
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +40,27 @@ class Layers:
     meta: MetadataCache
     catalog: Catalog
     store: InstanceStore
+    walker: WalkAhead | None = None
 
     def start(self) -> None:
-        """Start the background threads (token refresher, store workers). Idempotent."""
+        """Start the background threads (token refresher, store workers, walk-ahead). Idempotent."""
         if self.tokens is not None:
             self.tokens.start()  # idle until a first login: anonymous v4 never wakes it
         self.store.start()
+        if self.walker is not None:
+            self.walker.start()
 
     def close_client(self) -> None:
-        """Cut every HTTP transfer in flight (the first step of stopping)."""
+        """Cut every HTTP transfer in flight, then stop the walk-ahead (the first steps of stopping)."""
         self.client.close()
+        if self.walker is not None:
+            self.walker.stop()
 
     def close(self) -> None:
         """Stop everything in the order the module docstring gives; safe to call twice."""
-        for name, stop in (("HTTP client", self.client.close), ("store", self.store.close),
+        for name, stop in (("HTTP client", self.client.close),
+                           ("walk-ahead", self.walker.stop if self.walker is not None else None),
+                           ("store", self.store.close),
                            ("token manager", self.tokens.close if self.tokens is not None else None),
                            ("metadata cache", self.meta.close)):
             if stop is None:
@@ -96,7 +104,8 @@ def build_layers(settings: Settings, password: str = "") -> Layers:
     # Without a drill-down, exact sizes are learned by fetching: store.probe.
     catalog = Catalog(client, meta, layout=settings.layout, offline=settings.offline,
                       use_drilldown=settings.drilldown, probe=store.probe)
-    return Layers(settings, tokens, client, meta, catalog, store)
+    walker = WalkAhead(catalog) if settings.walk_ahead and not settings.offline else None
+    return Layers(settings, tokens, client, meta, catalog, store, walker)
 
 
 __all__ = ["Layers", "build_layers", "make_client", "GUEST_USER"]

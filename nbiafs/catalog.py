@@ -90,7 +90,7 @@ class _Client(Protocol):  # the part of NbiaClient the catalog uses
     def drilldown(self, series_uids: Sequence[str]) -> DrillDown | None: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Node:
     """One entry of the tree: a directory (root/collection/patient/study/series) or an instance."""
 
@@ -198,7 +198,10 @@ class Catalog:
 
     def children(self, path: str) -> list[Node]:
         """The entries of the directory at ``path``, sorted by name."""
-        node = self.lookup(path)
+        return self.children_of(self.lookup(path))
+
+    def children_of(self, node: Node) -> list[Node]:
+        """The entries of the directory ``node`` (from a listing: no lookup from the root)."""
         if not node.is_dir:
             raise NotFoundError(f"not a directory: {node.path}")
         return list(self._listing(node).values())

@@ -93,6 +93,7 @@ class Settings:
     layout: str = _d("layout")
     foreground: bool = _d("foreground")
     prefetch: bool = _d("prefetch")
+    walk_ahead: bool = _d("walk_ahead")
     allow_other: bool = _d("allow_other")
     uid: int | None = _d("uid")
     gid: int | None = _d("gid")

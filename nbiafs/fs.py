@@ -119,7 +119,8 @@ class NbiaFS(fuse.Operations):
                  umask: int = DEFAULT_UMASK, blksize: int = DEFAULT_BLKSIZE,
                  on_ready: Callable[[BaseException | None], None] | None = None,
                  on_destroy: Callable[[], None] | None = None,
-                 stop_first: Callable[[], None] | None = None) -> None:
+                 stop_first: Callable[[], None] | None = None,
+                 on_readdir: Callable[[str, str], None] | None = None) -> None:
         self.catalog = catalog
         self.store = store
         self.tokens = tokens
@@ -132,6 +133,7 @@ class NbiaFS(fuse.Operations):
         self._on_ready = on_ready
         self._on_destroy = on_destroy
         self._stop_first = stop_first
+        self._on_readdir = on_readdir
 
     # ------------------------------------------------------------------ lifecycle
     def init(self, path: str) -> None:
@@ -220,6 +222,11 @@ class NbiaFS(fuse.Operations):
         if node.kind == "instance":
             raise NotDirectoryError(path)
         children = self.catalog.children(path)
+        if self._on_readdir is not None:
+            try:
+                self._on_readdir(node.path, node.kind)  # the walk-ahead policy decides
+            except Exception:
+                log.warning("walk-ahead failed for %s", path, exc_info=True)
         # mfusepy hands libfuse only st_mode and st_ino of each entry (no readdirplus): nothing more is built.
         entries: list[tuple[str, dict[str, Any], int]] = [
             (".", {"st_mode": self.dir_mode, "st_ino": node.ino}, 0), ("..", {"st_mode": self.dir_mode}, 0)]

@@ -45,7 +45,7 @@ from .singleflight import Flight
 log = logging.getLogger(__name__)
 
 #: Bump when the shape of cached records changes: old disk entries are then ignored.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: slotted records
 #: Disk entries live 30 days: TCIA data is immutable once published; new series appear rarely.
 DEFAULT_DISK_TTL = 30 * 24 * 3600.0
 #: Listings kept in memory (a listing is one directory: a few records up to a few thousand).

@@ -207,6 +207,8 @@ def run_mount(settings: Settings, mountpoint: str, password: str, *,
                 daemon.record_mount(mountpoint)
             except (OSError, NbiaError) as exc:  # unmount then falls back to the mount table alone
                 log.warning("could not record this mount's process (%s)", exc)
+            if layers.walker is not None:
+                layers.walker.start()
             log.info("mounted %s on %s", settings.base_url, mountpoint)
             reporter.ready()
         else:
@@ -219,7 +221,8 @@ def run_mount(settings: Settings, mountpoint: str, password: str, *,
         operations = fs.NbiaFS(layers.catalog, layers.store, tokens=layers.tokens, prefetch=settings.prefetch,
                                uid=settings.uid, gid=settings.gid, umask=settings.umask, on_ready=on_ready,
                                on_destroy=lambda: daemon.remove_record(mountpoint),
-                               stop_first=layers.close_client)
+                               stop_first=layers.close_client,
+                               on_readdir=layers.walker.on_readdir if layers.walker is not None else None)
         try:
             fs.serve(operations, mountpoint, kernel_timeout=settings.kernel_timeout,
                      negative_timeout=settings.negative_timeout, allow_other=settings.allow_other)

@@ -256,6 +256,8 @@ OPTIONS: tuple[Option, ...] = (
          "bool", "mount", short="-f"),
     _opt("prefetch", True, "fetch ahead of a reader that walks a series", "latency, not bandwidth, limits "
          "one-file-at-a-time reads", "bool", "mount"),
+    _opt("walk_ahead", True, "list the folders below a folder that a program walks (find, du, ls -R) ahead of it, "
+         "in parallel", "a cold walk is otherwise one round trip after another", "bool", "mount"),
     _opt("allow_other", False, "let other users (and containers' users) read the mount; needs user_allow_other "
          "in /etc/fuse.conf unless run as root", "Docker bind mounts and JupyterHub serve the mount to other uids",
          "bool", "mount"),

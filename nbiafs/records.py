@@ -11,14 +11,14 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Collection:
     """A TCIA collection (top-level folder)."""
 
     name: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Patient:
     """One subject of a collection (``getPatient``)."""
 
@@ -30,7 +30,7 @@ class Patient:
     species_description: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Study:
     """One study of a patient (``getPatientStudy``)."""
 
@@ -46,7 +46,7 @@ class Study:
     longitudinal_offset: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Series:
     """One series of a study (``getSeries`` / ``getUpdatedSeries``)."""
 
@@ -72,7 +72,7 @@ class Series:
     collection_uri: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SeriesSize:
     """``getSeriesSize``: total bytes and object count of a series."""
 
@@ -80,7 +80,7 @@ class SeriesSize:
     object_count: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DrillDownSeries:
     """One ``seriesList`` entry of ``getStudyDrillDownWithSeriesIds``."""
 
@@ -96,7 +96,7 @@ class DrillDownSeries:
     series_number: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DrillDownStudy:
     """One study of ``getStudyDrillDownWithSeriesIds`` with its series."""
 
@@ -106,7 +106,7 @@ class DrillDownStudy:
     series: tuple[DrillDownSeries, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Instance:
     """One DICOM instance (file) of a series.
 
@@ -130,7 +130,7 @@ class DrillDown:
     instances: dict[str, list[Instance]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CollectionDescription:
     """``getCollectionDescriptions``."""
 
@@ -141,7 +141,7 @@ class CollectionDescription:
     timestamp: dt.datetime | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class License:
     """``getLicenses``."""
 
@@ -153,7 +153,7 @@ class License:
     text: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ZipMember:
     """One file of a streamed ``getImage`` zip, as delivered by the client."""
 
