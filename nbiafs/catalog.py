@@ -181,6 +181,7 @@ class Catalog:
             DRILLED_MAX_RECORDS, DRILLED_TTL, getsizeof=lambda found: len(found) + 1)
         self._drill_flights: dict[str, Flight[None]] = {}
         self._wait_timeout = DRILL_WAIT
+        self._drill_works = False  # a drill-down answered with instances lately (listing a series is cheap)
         self._lock = threading.Lock()  # guards _listings, _drilled and _drill_flights
 
     # -- public -------------------------------------------------------------------------------
@@ -199,6 +200,12 @@ class Catalog:
     def children(self, path: str) -> list[Node]:
         """The entries of the directory at ``path``, sorted by name."""
         return self.children_of(self.lookup(path))
+
+    @property
+    def series_listing_is_cheap(self) -> bool:
+        """True when listing a series costs metadata calls only (the drill-down answered lately), not
+        fetching its files to learn their sizes: what a walk-ahead may do unasked."""
+        return self.use_drilldown and self._drill_works
 
     def children_of(self, node: Node) -> list[Node]:
         """The entries of the directory ``node`` (from a listing: no lookup from the root)."""
@@ -426,6 +433,7 @@ class Catalog:
     def _drill(self, series_uids: list[str]) -> dict[str, list[Instance]]:
         """Drill down ``series_uids``: {series: instances} for the series a route knows ({} for none)."""
         result = self.client.drilldown(series_uids)
+        self._drill_works = result is not None and any(result.instances.values())
         if result is None:
             log.info("no drill-down route answered for %d series; sizes will be learned by fetching",
                      len(series_uids))

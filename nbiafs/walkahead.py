@@ -14,7 +14,9 @@ only when opened). So the next listing the walker needs is always done or in fli
 workers get ahead on the folders after it. Of a study's series only the first is queued at first: its
 listing drills down every series of the study in one pair of calls, so the others are queued once it
 is done (they then cost no call), instead of idling workers that would wait for that same pair.
-Listing alone (``ls`` of a folder) starts nothing.
+Listing alone (``ls`` of a folder) starts nothing. Series are listed ahead only while the drill-down
+works (the catalog says so): without it, listing a series means fetching its files to learn their
+sizes, and nobody asked for those bytes.
 
 Bounds: at most ``workers`` listings at once (they share the client's connections with readers, so a walk
 never starves an ``open``), at most ``max_queued`` folders waiting, and a walk ends when its queue is
@@ -57,6 +59,8 @@ class _Dir(Protocol):
 
 
 class _Tree(Protocol):  # the part of Catalog the walk-ahead uses
+    @property
+    def series_listing_is_cheap(self) -> bool: ...
     def lookup(self, path: str) -> _Dir: ...
     def children_of(self, node: Any) -> Sequence[_Dir]: ...  # node: one this tree returned
 
@@ -242,6 +246,10 @@ class WalkAhead:
                 if walk is not None:
                     walk.failed = walk.failed or failed
                     series = [c for c in subfolders if c.kind == "series"]
+                    if series and not self._tree.series_listing_is_cheap:
+                        # no drill-down: listing a series would fetch its files to learn their sizes
+                        subfolders = [c for c in subfolders if c.kind != "series"]
+                        series = []
                     if folder.kind == "study" and len(series) > 1:
                         self._after[series[0].path] = series[1:]
                         subfolders = [c for c in subfolders if c.kind != "series"] + series[:1]

@@ -113,7 +113,7 @@ def test_names_are_visible_unique_and_stable_across_remounts(emulator, mounter, 
 
 
 def test_each_level_costs_one_metadata_call_and_stat_costs_none(emulator, archive, mounter) -> None:
-    m = mounter(emulator, extra=("--no-prefetch",))
+    m = mounter(emulator, extra=("--no-prefetch", "--no-walk-ahead"))  # each level alone
     emulator.reset_stats()
     os.listdir(m.path)
     assert sum(api_calls(emulator.stats()).values()) == 1

@@ -38,6 +38,7 @@ class FakeTree:
         self.inside = 0
         self.most_inside = 0
         self.fail: set[str] = set()
+        self.series_listing_is_cheap = True
 
     def lookup(self, path: str) -> D:
         depth = 0 if path == "/" else path.count("/")
@@ -163,6 +164,19 @@ def test_a_subtree_walked_completely_is_not_walked_ahead_again(clock) -> None:
         walker.on_readdir("/C/p0", "patient")
         assert walker.idle(10)
         assert len(tree.calls) == first
+    finally:
+        walker.stop()
+
+
+def test_without_a_working_drill_down_series_are_never_listed_ahead(clock) -> None:
+    tree = FakeTree()
+    tree.series_listing_is_cheap = False  # listing a series would fetch its files
+    walker = make(tree, clock)
+    try:
+        walker.on_readdir("/C", "collection")
+        walker.on_readdir("/C/p0", "patient")
+        assert walker.idle(10)
+        assert "/C/p5/s1" in tree.calls and not any(c.count("/") == 4 for c in tree.calls)
     finally:
         walker.stop()
 
