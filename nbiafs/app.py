@@ -102,8 +102,13 @@ def build_layers(settings: Settings, password: str = "") -> Layers:
                           namespace=settings.namespace, offline=settings.offline, workers=settings.workers,
                           wait_timeout=settings.deadline + WAIT_MARGIN, on_size_mismatch=on_size_mismatch)
     # Without a drill-down, exact sizes are learned by fetching: store.probe.
+    scope = None
+    if settings.manifest is not None:
+        from .manifest import read_manifest, scope_of
+
+        scope = scope_of(client, [read_manifest(settings.manifest)], meta, settings.offline)
     catalog = Catalog(client, meta, layout=settings.layout, offline=settings.offline,
-                      use_drilldown=settings.drilldown, probe=store.probe)
+                      use_drilldown=settings.drilldown, probe=store.probe, scope=scope)
     walker = WalkAhead(catalog) if settings.walk_ahead and not settings.offline else None
     return Layers(settings, tokens, client, meta, catalog, store, walker)
 

@@ -22,6 +22,10 @@ less is unknown (the client drops it) and learned the same way, never shown as a
 Failures are errors, never absences: a listing that fails raises (EIO above), caches nothing, and
 the next lookup asks again; :class:`NotFoundError` (ENOENT) means only "not in a successful listing".
 
+A :class:`~nbiafs.manifest.Scope` (a manifest mount) hides every collection, patient, study and
+series outside it; names are given over the full listings first, so a folder has the same name with
+and without the manifest.
+
 Node identity: ``ino`` is a 63-bit blake2b hash of (namespace, kind, identifiers), stable across
 remounts and never 0 or 1 (1 is the root); ``mtime`` comes from metadata dates, never from now().
 """
@@ -49,6 +53,7 @@ from .errors import (
     ProtocolError,
     ServerError,
 )
+from .manifest import Scope
 from .metacache import MetadataCache
 from .records import Collection, DrillDown, Instance, Patient, Series, Study
 from .singleflight import Flight
@@ -161,7 +166,8 @@ class Catalog:
     def __init__(self, client: _Client, meta: MetadataCache, *, layout: str = "descriptive",
                  offline: bool = False, use_drilldown: bool = True,
                  on_series_listed: Callable[[Node, list[Node]], None] | None = None,
-                 probe: Probe | None = None, probe_workers: int = PROBE_WORKERS) -> None:
+                 probe: Probe | None = None, probe_workers: int = PROBE_WORKERS,
+                 scope: Scope | None = None) -> None:
         if layout not in naming.LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}")
         self.client = client
@@ -172,6 +178,8 @@ class Catalog:
         self.on_series_listed = on_series_listed
         self.probe = probe
         self.probe_workers = max(1, probe_workers)
+        #: a manifest's part of the tree: only its series and the folders above them are shown
+        self.scope = scope
         self.namespace = meta.namespace
         self.root = Node("root", "/", ROOT_INO, DEFAULT_MTIME)
         least = max(1, LISTINGS_MAX_NODES // LISTINGS_MAXSIZE)  # so at most LISTINGS_MAXSIZE listings fit
@@ -281,6 +289,8 @@ class Catalog:
         records = [c for c in records if c.name]
         named = naming.assign_unique(records, lambda c: naming.collection_dirname(c.name, self.layout),
                                      lambda c: c.name)
+        if self.scope is not None:
+            named = {n: c for n, c in named.items() if self.scope.has_collection(c.name)}
         return {name: Node("collection", _join(node.path, name),
                            stable_ino(self.namespace, "collection", c.name), DEFAULT_MTIME,
                            collection=c.name)
@@ -293,6 +303,8 @@ class Catalog:
         kept = self._drop_unnamed(records, "patient_id", node)
         named = naming.assign_unique(kept, lambda p: naming.patient_dirname(p.patient_id, self.layout),
                                      lambda p: p.patient_id)
+        if self.scope is not None:
+            named = {n: p for n, p in named.items() if self.scope.has_patient(coll, p.patient_id)}
         return {name: Node("patient", _join(node.path, name),
                            stable_ino(self.namespace, "patient", coll, p.patient_id), DEFAULT_MTIME,
                            collection=coll, patient_id=p.patient_id)
@@ -305,6 +317,8 @@ class Catalog:
         kept = self._drop_unnamed(records, "study_uid", node)
         named = naming.assign_unique(kept, lambda s: naming.study_dirname(s, self.layout),
                                      lambda s: s.study_uid)
+        if self.scope is not None:
+            named = {n: s for n, s in named.items() if self.scope.has_study(s.study_uid)}
         return {name: Node("study", _join(node.path, name),
                            stable_ino(self.namespace, "study", coll, pid, s.study_uid),
                            _epoch(s.date) or DEFAULT_MTIME,
@@ -323,6 +337,8 @@ class Catalog:
             log.warning("ignored series of other studies in the listing of %s", node.path)
         named = naming.assign_unique(kept, lambda s: naming.series_dirname(s, self.layout),
                                      lambda s: s.series_uid)
+        if self.scope is not None:
+            named = {n: s for n, s in named.items() if self.scope.has_series(s.series_uid)}
         return {name: Node("series", _join(node.path, name),
                            stable_ino(self.namespace, "series", coll, pid, study, s.series_uid),
                            _epoch(s.date) or _epoch(s.timestamp) or node.mtime,

@@ -26,7 +26,7 @@ def _add_config_flag(p: argparse.ArgumentParser) -> None:
 
 def _add_mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("mountpoint", help="existing directory to mount on")
-    options.add_flags(p, ("server", "cache", "mount", "log"))
+    options.add_flags(p, ("server", "cache", "scope", "mount", "log"))
     _add_config_flag(p)
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--password-fd", type=int, default=None, help=argparse.SUPPRESS)

@@ -423,6 +423,24 @@ class NbiaClient:
         """This server does not have drill-down ``route``: do not try it again."""
         self._absent_routes.add(route)
 
+    def series_metadata(self, series_uids: Sequence[str]) -> list[dict[str, str]]:
+        """v4 ``getSeriesMetadata``: one row per known series, the server's CSV columns as keys (``Project``,
+        ``Patient ID``, ``Study Instance UID``, ``Series Instance UID``, ...); the Data Retriever's
+        metadata.csv is built from these. Needs the v4 API (RemoteNotFoundError without it)."""
+        uids = [u for u in dict.fromkeys(series_uids) if u]
+        if not uids:
+            return []
+        what = f"getSeriesMetadata for {_describe_list('series', uids)}"
+
+        def handle(response: requests.Response) -> list[dict[str, str]]:
+            try:
+                return parse.csv_rows(response.content, what)
+            except ProtocolError as exc:
+                raise Retryable(exc) from None
+
+        return self._call("POST", self._url(V4, "getSeriesMetadata"), "getSeriesMetadata", what, handle,
+                          authed=False, data=[("list", ",".join(uids))])
+
     # -- descriptions and licenses ----------------------------------------------------------------
 
     def collection_descriptions(self, collection: str | None = None) -> list[CollectionDescription]:

@@ -90,6 +90,7 @@ class Settings:
     cache_size: int = _d("cache_size")
     metadata_ttl: float = _d("metadata_ttl")
     offline: bool = _d("offline")
+    manifest: Path | None = _d("manifest")
     layout: str = _d("layout")
     foreground: bool = _d("foreground")
     prefetch: bool = _d("prefetch")
@@ -197,6 +198,8 @@ def resolve(flags: Mapping[str, Any] | None = None, *, environ: Mapping[str, str
         settings.cache_dir = Path(settings.cache_dir).expanduser().resolve()
     if settings.log_file is not None:
         settings.log_file = Path(settings.log_file).expanduser().resolve()
+    if settings.manifest is not None:
+        settings.manifest = Path(settings.manifest).expanduser().resolve()
     settings.validate()
     return Resolved(settings, sources, path if use_config else None)
 

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 PASSWORD_ENV = "NBIA_PASSWORD"
 #: The option groups a mount takes (see nbiafs.options).
-MOUNT_GROUPS = ("server", "cache", "mount", "log")
+MOUNT_GROUPS = ("server", "cache", "scope", "mount", "log")
 #: How long ``unmount`` waits for the mount process to exit after the kernel let go of the mount.
 UNMOUNT_EXIT_TIMEOUT = 30.0
 #: With --lazy, how long unmount waits for the process before returning anyway (the mount may be busy).
@@ -148,6 +148,10 @@ def mount(args: argparse.Namespace) -> int:
     mp = check_mountpoint(args.mountpoint)
     check_fuse()
     check_allow_other(settings)
+    if settings.manifest is not None:
+        from .manifest import read_manifest
+
+        read_manifest(settings.manifest)  # a bad manifest is one clear line, before anything starts
     password = password_for(settings)
     os.environ.pop(PASSWORD_ENV, None)  # no process started from here inherits it
     if not settings.offline:

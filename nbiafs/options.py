@@ -10,7 +10,8 @@ the retry policy take theirs from here through :func:`default`.
 Shape: an option is a frozen record; its ``kind`` says how text becomes a value (``size`` "20G" ->
 bytes, ``duration`` "1d" -> seconds, ``octal`` "022" -> int...), so a flag, an environment variable and a
 TOML string parse the same way. ``groups`` say which commands take it: ``server`` (anything that talks
-to an NBIA server), ``cache`` (anything that uses the cache), ``mount`` (the file system), ``log``.
+to an NBIA server), ``cache`` (anything that uses the cache), ``scope`` (what part of the archive:
+a manifest), ``mount`` (the file system), ``log``.
 Passwords are never options: they come from the environment, a prompt or a pipe (see :mod:`nbiafs.auth`).
 """
 
@@ -25,7 +26,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-GROUPS = ("server", "cache", "mount", "log")
+GROUPS = ("server", "cache", "scope", "mount", "log")
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +249,10 @@ OPTIONS: tuple[Option, ...] = (
          metavar="SECONDS"),
     _opt("offline", False, "serve only what is cached; never call the server",
          "read cached data on a plane or while the server is down", "bool", "cache"),
+    # -- what part of the archive -------------------------------------------------------------------
+    _opt("manifest", None, "a TCIA manifest (.tcia, the portal's cart): show or fetch only its series and the "
+         "folders above them", "work on a cart without the rest of the archive in the way", "path", "scope",
+         metavar="FILE"),
     # -- the mount -------------------------------------------------------------------------------
     _opt("layout", "descriptive", "folder names: the NBIA Data Retriever's descriptive layout, or raw UIDs",
          "scripts written for Data Retriever downloads then work on the mount", "choice", "mount",
@@ -358,7 +363,3 @@ def markdown_table() -> str:
         lines.append(f"| `{flag}` | {opt.default_text()} | {what} | {opt.why} |")
     lines += ["", MARKDOWN_END]
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # python -m nbiafs.options: the table for docs/usage.md
-    print(markdown_table())

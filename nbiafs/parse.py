@@ -9,7 +9,9 @@ never a crash; a row missing its identifying UID is dropped with a WARNING (it c
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import json
 import logging
 import math
@@ -60,6 +62,30 @@ def json_rows(body: bytes | str, endpoint: str) -> list[Row]:
     if not isinstance(value, list) or not all(isinstance(row, dict) for row in value):
         raise ProtocolError(f"{endpoint}: expected a JSON array of objects, got {type(value).__name__}")
     return value
+
+
+def csv_rows(body: bytes | str, endpoint: str) -> list[dict[str, str]]:
+    """Decode a CSV answer (a header row, then rows) into dicts; an empty body is ``[]``.
+
+    ProtocolError for a body that is not CSV text (HTML error pages, binary data) or whose rows do not
+    match the header.
+    """
+    try:
+        text = body.decode("utf-8-sig") if isinstance(body, bytes) else body
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{endpoint}: the CSV is not UTF-8 text") from None
+    if not text.strip():
+        return []
+    if text.lstrip().startswith("<"):
+        raise ProtocolError(f"{endpoint}: expected CSV, got what looks like HTML")
+    try:
+        table = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise ProtocolError(f"{endpoint}: the server sent malformed CSV ({exc})") from None
+    header, rows = table[0], [r for r in table[1:] if r]
+    if any(len(r) != len(header) for r in rows):
+        raise ProtocolError(f"{endpoint}: CSV rows of another width than its header")
+    return [dict(zip(header, r)) for r in rows]
 
 
 def build_all(rows: Iterable[Row], build: Callable[[Row], T | None], endpoint: str) -> list[T]:

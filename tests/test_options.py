@@ -68,7 +68,7 @@ def test_defaults_written_in_the_layers_are_the_tables() -> None:
 def test_usage_md_holds_the_generated_table() -> None:
     text = (REPO / "docs" / "usage.md").read_text()
     begin, end = text.index(options.MARKDOWN_BEGIN), text.index(options.MARKDOWN_END) + len(options.MARKDOWN_END)
-    assert text[begin:end] == options.markdown_table(), "regenerate: python -m nbiafs.options > the table"
+    assert text[begin:end] == options.markdown_table(), "regenerate it: python scripts/gen_options_doc.py"
 
 
 def test_flags_environment_and_config_file_layer_in_that_order(tmp_path: Path) -> None:
