@@ -66,7 +66,7 @@ def cpu_seconds(pid: int) -> float:
 
 def find_ls(path: Path) -> tuple[float, int]:
     started = time.monotonic()
-    done = subprocess.run(["find", str(path), "-ls"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=3600)
+    done = subprocess.run(["find", str(path), "-ls"], capture_output=True, timeout=3600)
     elapsed = time.monotonic() - started
     if done.returncode != 0:
         raise SystemExit(f"find failed: {done.stderr.decode(errors='replace')[:500]}")
