@@ -12,6 +12,7 @@ Nothing here starts a thread: :meth:`Layers.start` does, after the mount process
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from .catalog import Catalog
 from .client import NbiaClient
 from .config import GUEST_USER, Settings
 from .metacache import MetadataCache
+from .metafiles import MetaFiles
 from .store import InstanceStore
 from .walkahead import WalkAhead
 
@@ -41,6 +43,7 @@ class Layers:
     catalog: Catalog
     store: InstanceStore
     walker: WalkAhead | None = None
+    metafiles: MetaFiles | None = None
 
     def start(self) -> None:
         """Start the background threads (token refresher, store workers, walk-ahead). Idempotent."""
@@ -108,9 +111,22 @@ def build_layers(settings: Settings, password: str = "") -> Layers:
 
         scope = scope_of(client, [read_manifest(settings.manifest)], meta, settings.offline)
     catalog = Catalog(client, meta, layout=settings.layout, offline=settings.offline,
-                      use_drilldown=settings.drilldown, probe=store.probe, scope=scope)
+                      use_drilldown=settings.drilldown, probe=store.probe, scope=scope,
+                      meta_files=settings.metadata_files)
     walker = WalkAhead(catalog) if settings.walk_ahead and not settings.offline else None
-    return Layers(settings, tokens, client, meta, catalog, store, walker)
+    files = None
+    if settings.metadata_files:
+        files = MetaFiles(catalog, client, meta, stats=lambda: store_counters(store),
+                          md5_of=getattr(store, "md5_of", None), datacite_url=settings.datacite_url or None)
+    return Layers(settings, tokens, client, meta, catalog, store, walker, files)
+
+
+def store_counters(store: InstanceStore) -> dict[str, object]:
+    """What ``.nbiafs/stats.json`` shows: the store's counters."""
+    stats = store.stats()
+    if dataclasses.is_dataclass(stats) and not isinstance(stats, type):
+        return dataclasses.asdict(stats)
+    return dict(stats)  # type: ignore[call-overload]
 
 
 __all__ = ["Layers", "build_layers", "make_client", "GUEST_USER"]

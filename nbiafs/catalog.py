@@ -40,7 +40,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import cachetools
@@ -79,6 +79,14 @@ DRILLED_MAX_RECORDS = 200_000
 DRILLED_TTL = 600.0
 #: A thread waiting for another thread's drill-down of the same study gives up after this long.
 DRILL_WAIT = 600.0
+#: Metadata beside the images (with ``meta_files``): dot-names, so DICOM readers that skip hidden files
+#: (dcm2niix, GDCM) still see exactly the DICOM files. Folder kind -> (name, node kind).
+META_FILES: dict[str, tuple[tuple[str, str], ...]] = {
+    "root": ((".nbiafs", "metadir"),),
+    "collection": ((".collection.json", "meta"),),
+    "series": ((".series.json", "meta"),),
+}
+METADIR_FILES = ("stats.json",)
 
 Probe = Callable[[str, str], "tuple[int, int | None]"]
 
@@ -97,9 +105,11 @@ class _Client(Protocol):  # the part of NbiaClient the catalog uses
 
 @dataclass(frozen=True, slots=True)
 class Node:
-    """One entry of the tree: a directory (root/collection/patient/study/series) or an instance."""
+    """One entry of the tree: a directory (root/collection/patient/study/series), an instance, or a
+    metadata file beside them (``meta``: ``.collection.json``, ``.series.json``, the ``.nbiafs`` folder
+    (``metadir``) and its files)."""
 
-    kind: str  # "root" | "collection" | "patient" | "study" | "series" | "instance"
+    kind: str  # "root" | "collection" | "patient" | "study" | "series" | "instance" | "meta" | "metadir"
     path: str  # "/Coll/Patient/Study/Series/1-001.dcm"
     ino: int
     mtime: float
@@ -111,10 +121,12 @@ class Node:
     sop_uid: str | None = None
     image_count: int | None = None  # series: ImageCount announced by getSeries, when known
     instance_number: int | None = None  # instance: InstanceNumber, when known
+    #: the record the node was made from (Collection, Patient, Study, Series, Instance), for metadata
+    record: object = field(default=None, compare=False, repr=False)
 
     @property
     def is_dir(self) -> bool:
-        return self.kind != "instance"
+        return self.kind not in ("instance", "meta")
 
     @property
     def nlink(self) -> int:
@@ -167,7 +179,7 @@ class Catalog:
                  offline: bool = False, use_drilldown: bool = True,
                  on_series_listed: Callable[[Node, list[Node]], None] | None = None,
                  probe: Probe | None = None, probe_workers: int = PROBE_WORKERS,
-                 scope: Scope | None = None) -> None:
+                 scope: Scope | None = None, meta_files: bool = False) -> None:
         if layout not in naming.LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}")
         self.client = client
@@ -180,6 +192,7 @@ class Catalog:
         self.probe_workers = max(1, probe_workers)
         #: a manifest's part of the tree: only its series and the folders above them are shown
         self.scope = scope
+        self.meta_files = meta_files
         self.namespace = meta.namespace
         self.root = Node("root", "/", ROOT_INO, DEFAULT_MTIME)
         least = max(1, LISTINGS_MAX_NODES // LISTINGS_MAXSIZE)  # so at most LISTINGS_MAXSIZE listings fit
@@ -258,8 +271,12 @@ class Catalog:
             "patient": self._list_patient,
             "study": self._list_study,
             "series": self._list_series,
+            "metadir": self._list_metadir,
         }[node.kind]
         built = builder(node)
+        if self.meta_files and node.kind in META_FILES:
+            # dot-names sort first: the listing stays in name order
+            built = {**{name: self._meta_node(node, name, kind) for name, kind in META_FILES[node.kind]}, **built}
         with self._lock:
             try:
                 self._listings[node.path] = built
@@ -293,7 +310,7 @@ class Catalog:
             named = {n: c for n, c in named.items() if self.scope.has_collection(c.name)}
         return {name: Node("collection", _join(node.path, name),
                            stable_ino(self.namespace, "collection", c.name), DEFAULT_MTIME,
-                           collection=c.name)
+                           collection=c.name, record=c)
                 for name, c in named.items()}
 
     def _list_collection(self, node: Node) -> dict[str, Node]:
@@ -307,7 +324,7 @@ class Catalog:
             named = {n: p for n, p in named.items() if self.scope.has_patient(coll, p.patient_id)}
         return {name: Node("patient", _join(node.path, name),
                            stable_ino(self.namespace, "patient", coll, p.patient_id), DEFAULT_MTIME,
-                           collection=coll, patient_id=p.patient_id)
+                           collection=coll, patient_id=p.patient_id, record=p)
                 for name, p in named.items()}
 
     def _list_patient(self, node: Node) -> dict[str, Node]:
@@ -322,7 +339,7 @@ class Catalog:
         return {name: Node("study", _join(node.path, name),
                            stable_ino(self.namespace, "study", coll, pid, s.study_uid),
                            _epoch(s.date) or DEFAULT_MTIME,
-                           collection=coll, patient_id=pid, study_uid=s.study_uid)
+                           collection=coll, patient_id=pid, study_uid=s.study_uid, record=s)
                 for name, s in named.items()}
 
     def _list_study(self, node: Node) -> dict[str, Node]:
@@ -343,7 +360,7 @@ class Catalog:
                            stable_ino(self.namespace, "series", coll, pid, study, s.series_uid),
                            _epoch(s.date) or _epoch(s.timestamp) or node.mtime,
                            collection=coll, patient_id=pid, study_uid=study, series_uid=s.series_uid,
-                           image_count=s.image_count)
+                           image_count=s.image_count, record=s)
                 for name, s in named.items()}
 
     def _list_series(self, node: Node) -> dict[str, Node]:
@@ -357,8 +374,18 @@ class Catalog:
                            node.mtime, size=int(i.size or 0),
                            collection=node.collection, patient_id=node.patient_id,
                            study_uid=node.study_uid, series_uid=series_uid, sop_uid=i.sop_uid,
-                           instance_number=i.number)
+                           instance_number=i.number, record=i)
                 for name, i in named.items()}
+
+    def _meta_node(self, parent: Node, name: str, kind: str) -> Node:
+        """A metadata file (or the ``.nbiafs`` folder) beside the images of ``parent``."""
+        return Node(kind, _join(parent.path, name), stable_ino(self.namespace, kind, parent.path, name),
+                    parent.mtime if parent.kind != "root" else DEFAULT_MTIME,
+                    collection=parent.collection, patient_id=parent.patient_id, study_uid=parent.study_uid,
+                    series_uid=parent.series_uid, record=parent)
+
+    def _list_metadir(self, node: Node) -> dict[str, Node]:
+        return {name: self._meta_node(node, name, "meta") for name in METADIR_FILES}
 
     @staticmethod
     def _drop_unnamed(records: list[Any], field: str, node: Node) -> list[Any]:

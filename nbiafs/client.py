@@ -139,6 +139,11 @@ class NbiaClient:
             return self._tokens
 
     @property
+    def transport(self) -> Transport:
+        """The bounded-retry transport (for calls to other services, e.g. DataCite, on the same session)."""
+        return self._transport
+
+    @property
     def search_version(self) -> str:
         """``"v2"`` or ``"v4"``: the search API this client uses (the auto probe runs on first need)."""
         version = self._version

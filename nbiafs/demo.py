@@ -101,11 +101,11 @@ def demo_guide(mp: str) -> str:
     lines = [f"nbiafs demo: the sample archive is mounted on {mp}",
              "(read-only; listings and files are fetched from the bundled emulator on demand and cached on disk)",
              "", f"$ ls {mp}/*"]
-    for coll in sorted(os.listdir(mp)):
-        lines.append(f"{coll}:  " + "  ".join(sorted(os.listdir(os.path.join(mp, coll)))))
+    for coll in _visible(mp):
+        lines.append(f"{coll}:  " + "  ".join(_visible(os.path.join(mp, coll))))
     series_dir = _example_series(mp)
     if series_dir is not None:
-        files = sorted(os.listdir(series_dir))
+        files = _visible(series_dir)
         lines += ["", f"$ ls -l '{series_dir}' | head -4"]
         lines += _ls_l(series_dir)[:4]
         lines.append(f"... ({len(files)} files)")
@@ -120,6 +120,11 @@ def demo_guide(mp: str) -> str:
     return "\n".join(lines)
 
 
+def _visible(path: str) -> list[str]:
+    """A folder's entries without the dot-files (nbiafs's metadata beside the images), sorted."""
+    return sorted(n for n in os.listdir(path) if not n.startswith("."))
+
+
 def _ls_l(path: str) -> list[str]:
     try:
         done = subprocess.run(["ls", "-l", path], capture_output=True, text=True, timeout=30)
@@ -132,12 +137,12 @@ def _example_series(mp: str) -> str | None:
     """The series with the most files among the first collection's first few patients."""
     best: tuple[int, str] | None = None
     try:
-        coll = os.path.join(mp, sorted(os.listdir(mp))[0])
-        for patient in sorted(os.listdir(coll))[:3]:
-            for study in sorted(os.listdir(os.path.join(coll, patient))):
-                for series in sorted(os.listdir(os.path.join(coll, patient, study))):
+        coll = os.path.join(mp, _visible(mp)[0])
+        for patient in _visible(coll)[:3]:
+            for study in _visible(os.path.join(coll, patient)):
+                for series in _visible(os.path.join(coll, patient, study)):
                     path = os.path.join(coll, patient, study, series)
-                    count = len(os.listdir(path))
+                    count = len(_visible(path))
                     if best is None or count > best[0]:
                         best = (count, path)
     except (OSError, IndexError):

@@ -85,6 +85,10 @@ class IsDirectoryError(NbiaError):
     """A file operation (open) on a directory."""
 
 
+class NoSuchAttributeError(NbiaError):
+    """An extended attribute the node does not have (ENODATA, as getxattr(2) says)."""
+
+
 class CacheFullError(NbiaError):
     """The cache directory's disk is full; the fetched bytes could not be kept."""
 
@@ -92,6 +96,7 @@ class CacheFullError(NbiaError):
 _ERRNO: tuple[tuple[type[BaseException], int], ...] = (
     (ReadOnlyError, errno.EROFS),
     (NotFoundError, errno.ENOENT),
+    (NoSuchAttributeError, errno.ENODATA),
     (RemoteNotFoundError, errno.EIO),
     (NotDirectoryError, errno.ENOTDIR),
     (IsDirectoryError, errno.EISDIR),

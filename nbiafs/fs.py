@@ -34,6 +34,7 @@ from . import fuselib
 from .errors import (
     IsDirectoryError,
     NbiaError,
+    NoSuchAttributeError,
     NotDirectoryError,
     ReadOnlyError,
     errno_for,
@@ -63,6 +64,8 @@ MAX_IDLE_THREADS = 16
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
 DEFAULT_UMASK = 0o022
+#: Node kinds that are files: DICOM instances and metadata files (everything else is a folder).
+FILE_KINDS = frozenset({"instance", "meta"})
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
@@ -80,7 +83,7 @@ def _guarded(func: F) -> F:
             raise
         except NbiaError as exc:
             code = errno_for(exc)
-            level = logging.DEBUG if code in (errno.ENOENT, errno.EROFS) else logging.INFO
+            level = logging.DEBUG if code in (errno.ENOENT, errno.EROFS, errno.ENODATA) else logging.INFO
             log.log(level, "%s%r -> %s: %s", func.__name__, args[:1], errno.errorcode.get(code, code), exc)
             raise fuse.FuseOSError(code) from exc
         except Exception as exc:  # the kernel must get an errno, whatever happened below
@@ -120,7 +123,8 @@ class NbiaFS(fuse.Operations):
                  on_ready: Callable[[BaseException | None], None] | None = None,
                  on_destroy: Callable[[], None] | None = None,
                  stop_first: Callable[[], None] | None = None,
-                 on_readdir: Callable[[str, str], None] | None = None) -> None:
+                 on_readdir: Callable[[str, str], None] | None = None,
+                 meta: Any | None = None) -> None:
         self.catalog = catalog
         self.store = store
         self.tokens = tokens
@@ -134,6 +138,7 @@ class NbiaFS(fuse.Operations):
         self._on_destroy = on_destroy
         self._stop_first = stop_first
         self._on_readdir = on_readdir
+        self.meta = meta  # nbiafs.metafiles.MetaFiles: xattrs and the metadata files
 
     # ------------------------------------------------------------------ lifecycle
     def init(self, path: str) -> None:
@@ -176,8 +181,13 @@ class NbiaFS(fuse.Operations):
     # ------------------------------------------------------------------ attributes
     def _attrs(self, node: Any) -> dict[str, Any]:
         mtime_ns = int(round(float(node.mtime) * 1e9))
-        is_dir = node.kind != "instance"
-        size = 0 if is_dir else int(node.size)
+        is_dir = node.kind not in FILE_KINDS
+        if is_dir:
+            size = 0
+        elif node.kind == "meta":
+            size = self.meta.size(node) if self.meta is not None else 0  # made now: st_size is exact
+        else:
+            size = int(node.size)
         return {
             "st_mode": self.dir_mode if is_dir else self.file_mode,
             "st_nlink": 2 if is_dir else 1,
@@ -210,16 +220,32 @@ class NbiaFS(fuse.Operations):
 
     # ------------------------------------------------------------------ directories
     @_guarded
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        value = self._xattrs(path).get(name)
+        if value is None:
+            raise NoSuchAttributeError(f"{path}: no attribute {name}")
+        return value
+
+    @_guarded
+    def listxattr(self, path: str) -> list[str]:
+        return list(self._xattrs(path))
+
+    def _xattrs(self, path: str) -> dict[str, bytes]:
+        node = self.catalog.lookup(path)
+        return self.meta.xattrs(node) if self.meta is not None else {}
+
+    # ------------------------------------------------------------------ directories
+    @_guarded
     def opendir(self, path: str) -> int:
         node = self.catalog.lookup(path)
-        if node.kind == "instance":
+        if node.kind in FILE_KINDS:
             raise NotDirectoryError(path)
         return 0
 
     @_guarded
     def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, Any], int]]:
         node = self.catalog.lookup(path)
-        if node.kind == "instance":
+        if node.kind in FILE_KINDS:
             raise NotDirectoryError(path)
         children = self.catalog.children(path)
         if self._on_readdir is not None:
@@ -232,7 +258,7 @@ class NbiaFS(fuse.Operations):
             (".", {"st_mode": self.dir_mode, "st_ino": node.ino}, 0), ("..", {"st_mode": self.dir_mode}, 0)]
         dir_mode, file_mode = self.dir_mode, self.file_mode
         entries.extend((child.path.rsplit("/", 1)[-1],
-                        {"st_mode": file_mode if child.kind == "instance" else dir_mode, "st_ino": child.ino}, 0)
+                        {"st_mode": file_mode if child.kind in FILE_KINDS else dir_mode, "st_ino": child.ino}, 0)
                        for child in children)
         return entries
 
@@ -242,6 +268,10 @@ class NbiaFS(fuse.Operations):
         if fi.flags & _WRITE_FLAGS:
             raise ReadOnlyError(path)
         node = self.catalog.lookup(path)
+        if node.kind == "meta" and self.meta is not None:
+            fi.fh = self.meta.open(node)
+            fi.direct_io = 1  # made when opened; stats.json changes
+            return 0
         if node.kind != "instance":
             raise IsDirectoryError(path)
         fi.fh = self.store.open(node)
@@ -284,11 +314,16 @@ class NbiaFS(fuse.Operations):
 
     @_guarded
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
+        if self.meta is not None and self.meta.owns(fi.fh):
+            return self.meta.read(fi.fh, size, offset)
         return self.store.read(fi.fh, size, offset)
 
     @_guarded
     def release(self, path: str, fi: Any) -> int:
-        self.store.release(fi.fh)
+        if self.meta is not None and self.meta.owns(fi.fh):
+            self.meta.release(fi.fh)
+        else:
+            self.store.release(fi.fh)
         return 0
 
     def flush(self, path: str, fi: Any) -> int:

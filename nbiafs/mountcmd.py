@@ -226,7 +226,8 @@ def run_mount(settings: Settings, mountpoint: str, password: str, *,
                                uid=settings.uid, gid=settings.gid, umask=settings.umask, on_ready=on_ready,
                                on_destroy=lambda: daemon.remove_record(mountpoint),
                                stop_first=layers.close_client,
-                               on_readdir=layers.walker.on_readdir if layers.walker is not None else None)
+                               on_readdir=layers.walker.on_readdir if layers.walker is not None else None,
+                               meta=layers.metafiles)
         try:
             fs.serve(operations, mountpoint, kernel_timeout=settings.kernel_timeout,
                      negative_timeout=settings.negative_timeout, allow_other=settings.allow_other)

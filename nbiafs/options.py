@@ -221,6 +221,9 @@ OPTIONS: tuple[Option, ...] = (
     _opt("drilldown", True, "use the drill-down calls for exact sizes before any download",
          "dcm2niix and DCMTK need st_size exact before open; without the drill-down sizes are learned by fetching",
          "bool", "server"),
+    _opt("datacite_url", "https://api.datacite.org", "DataCite REST API, for how to cite a collection "
+         "(.collection.json); empty: no citations", "TCIA's data usage policy asks users to cite every "
+         "collection by its DOI, which DataCite registered", "str", "server", metavar="URL"),
     _opt("workers", 8, "parallel downloads (also bounds the HTTP connections to the server)",
          "the TCIA Data Retriever uses 8 connections per host: faster than one, polite to a shared server",
          "int", "server", metavar="N", minimum=1, maximum=256),
@@ -261,6 +264,9 @@ OPTIONS: tuple[Option, ...] = (
          "bool", "mount", short="-f"),
     _opt("prefetch", True, "fetch ahead of a reader that walks a series", "latency, not bandwidth, limits "
          "one-file-at-a-time reads", "bool", "mount"),
+    _opt("metadata_files", True, "show .collection.json, .series.json and .nbiafs/stats.json beside the images",
+         "metadata without another API client; dot-files, so DICOM readers still see only DICOM files",
+         "bool", "mount"),
     _opt("walk_ahead", True, "list the folders below a folder that a program walks (find, du, ls -R) ahead of it, "
          "in parallel", "a cold walk is otherwise one round trip after another", "bool", "mount"),
     _opt("allow_other", False, "let other users (and containers' users) read the mount; needs user_allow_other "

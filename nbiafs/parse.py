@@ -252,7 +252,7 @@ def series_from(row: Row) -> Series | None:
         date_released=datetime_or_none(row.get("DateReleased")),
         license_name=text_or_none(row.get("LicenseName")),
         license_uri=text_or_none(row.get("LicenseURI")),
-        collection_uri=text_or_none(row.get("CollectionURI")),
+        collection_uri=text_or_none(_first(row, "CollectionURI", "DataDescriptionURI")),
     )
 
 
@@ -335,7 +335,7 @@ def collection_description_from(row: Row) -> CollectionDescription | None:
         description=text_or_none(row.get("description")),
         description_uri=text_or_none(row.get("descriptionURI")),
         license_id=int_or_none(row.get("licenseId")),
-        timestamp=datetime_or_none(row.get("collectionDescTimestamp")),
+        timestamp=datetime_or_none(_first(row, "collectionDescTimestamp", "lastUpdated")),
     )
 
 

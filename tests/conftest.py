@@ -47,20 +47,32 @@ def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 
     return True
 
 
+def ls(path: str | os.PathLike[str]) -> list[str]:
+    """The visible entries of a folder, sorted: what DICOM readers see (dot-files are nbiafs's metadata)."""
+    return sorted(n for n in os.listdir(path) if not n.startswith("."))
+
+
+def visible_walk(root: str | os.PathLike[str]) -> Iterator[tuple[str, list[str], list[str]]]:
+    """os.walk without the dot-files and dot-folders (nbiafs's metadata beside the images)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        yield dirpath, dirnames, sorted(f for f in filenames if not f.startswith("."))
+
+
 def first_series(root: Path, collection: str = "Demo-Chest-CT") -> Path:
     """The first series folder (by name) of the first patient and study of ``collection``."""
     path = root / collection
     for _ in range(3):
-        path = path / sorted(os.listdir(path))[0]
+        path = path / ls(path)[0]
     return path
 
 
 def series_of_count(root: Path, collection: str, patient: str, count: int) -> Path:
     """The first series folder of ``patient`` that holds exactly ``count`` files."""
     patient_dir = root / collection / patient
-    for study in sorted(os.listdir(patient_dir)):
-        for series in sorted(os.listdir(patient_dir / study)):
-            if len(os.listdir(patient_dir / study / series)) == count:
+    for study in ls(patient_dir):
+        for series in ls(patient_dir / study):
+            if len(ls(patient_dir / study / series)) == count:
                 return patient_dir / study / series
     raise AssertionError(f"no series of {count} files under {patient_dir}")
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import nbiafs_cli, require_fuse, teardown_mount
+from conftest import ls, nbiafs_cli, require_fuse, teardown_mount
 
 from nbiafs import daemon
 
@@ -20,7 +20,7 @@ def test_mount_returns_when_ready_and_unmount_stops_the_process(emulator, tmp_pa
     try:
         assert done.returncode == 0, done.stderr
         # ready means usable right now: no waiting, no retry
-        assert "Demo-Chest-CT" in os.listdir(mp)
+        assert "Demo-Chest-CT" in ls(mp)
         assert len(pids) == 1
         again = nbiafs_cli("mount", str(mp), "--server", emulator.url, "--cache-dir", str(tmp_path / "c"))
         assert again.returncode == 1 and "already" in again.stderr
@@ -96,8 +96,8 @@ def test_demo_mounts_the_sample_archive_and_prints_its_guide(tmp_path: Path) -> 
         import pydicom
 
         series = mp / "Demo-Head-MR" / "DHM-0002"
-        series = series / os.listdir(series)[0]
-        series = series / os.listdir(series)[0]
+        series = series / ls(series)[0]
+        series = series / ls(series)[0]
         assert pydicom.dcmread(series / "1-001.dcm").Modality == "MR"
         off = nbiafs_cli("unmount", str(mp), env=env)
         assert off.returncode == 0, off.stderr

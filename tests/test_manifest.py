@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from conftest import ls, visible_walk
 
 from nbiafs.client import NbiaClient
 from nbiafs.errors import ConfigError
@@ -87,15 +87,15 @@ def test_a_manifest_mount_shows_only_its_series_and_their_parents(emulator, arch
     full = mounter(emulator, extra=("--layout", "uid"))
     cart = mounter(emulator, extra=("--layout", "uid", "--manifest", str(manifest)))
     shown = set()
-    for dirpath, dirnames, _files in os.walk(cart.path):
+    for dirpath, dirnames, _files in visible_walk(cart.path):
         for name in dirnames:
             shown.add(str(Path(dirpath, name).relative_to(cart.path)))
     series_dirs = {p for p in shown if p.count("/") == 3}
     assert series_dirs == {f"{s.collection}/{s.patient_id}/{s.study_uid}/{s.uid}" for s in chosen}
     assert {p.split("/")[0] for p in shown} == {s.collection for s in chosen}
     for rel in series_dirs:  # the same files, names and sizes as the full mount
-        assert sorted(os.listdir(cart.path / rel)) == sorted(os.listdir(full.path / rel))
-        name = sorted(os.listdir(cart.path / rel))[0]
+        assert ls(cart.path / rel) == ls(full.path / rel)
+        name = ls(cart.path / rel)[0]
         assert (cart.path / rel / name).read_bytes() == (full.path / rel / name).read_bytes()
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
-import os
 import threading
 from pathlib import Path
 
 import pytest
-from conftest import series_of_count
+from conftest import ls, series_of_count
 
 pytestmark = pytest.mark.fuse
 
@@ -26,7 +25,7 @@ def _read_all(paths: list[str], barrier, results) -> None:
 def test_sixteen_processes_opening_the_same_uncached_files_cause_one_fetch_each(emulator, archive, mounter) -> None:
     m = mounter(emulator, extra=("--no-prefetch",))
     series = series_of_count(m.path, "Demo-Head-MR", "DHM-0001", 12)
-    paths = [str(series / n) for n in sorted(os.listdir(series))]
+    paths = [str(series / n) for n in ls(series)]
     emulator.reset_stats()
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(READERS)
@@ -75,8 +74,8 @@ def test_a_slow_fetch_does_not_block_listing_or_reading_other_files(emulator, mo
 
         assert wait_until(lambda: emulator.stats()["getSingleImage"] >= 1, timeout=10)
         # meanwhile: list a directory never listed before, and read other files
-        assert len(os.listdir(m.path / "Demo-Head-MR" / "DHM-0002")) == 1
-        for name in sorted(os.listdir(other_series)):
+        assert len(ls(m.path / "Demo-Head-MR" / "DHM-0002")) == 1
+        for name in ls(other_series):
             assert len((other_series / name).read_bytes()) == (other_series / name).stat().st_size
         assert not slow_done.is_set(), "the other reads waited for the slow fetch"
     finally:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import first_series, nbiafs_cli
+from conftest import first_series, ls, nbiafs_cli, visible_walk
 
 from nbiafs import daemon
 from nbiafs.emulator import TEST_PASSWORD, TEST_USER
@@ -32,7 +32,7 @@ def truth(archive, path: Path, mount_root: Path) -> bytes:
 def test_every_kind_of_write_is_erofs_and_changes_nothing(emulator, mounter) -> None:
     m = mounter(emulator)
     series = first_series(m.path)
-    file = series / sorted(os.listdir(series))[0]
+    file = series / ls(series)[0]
     actions = {
         "create": lambda: open(series / "new.dcm", "wb"),
         "mkdir": lambda: os.mkdir(m.path / "new"),
@@ -52,23 +52,23 @@ def test_every_kind_of_write_is_erofs_and_changes_nothing(emulator, mounter) -> 
 
 def test_restricted_collection_only_for_the_account_that_may_see_it(emulator, archive, mounter) -> None:
     guest = mounter(emulator)
-    assert "Restricted-Demo" not in os.listdir(guest.path)
+    assert "Restricted-Demo" not in ls(guest.path)
     with pytest.raises(FileNotFoundError):
         os.stat(guest.path / "Restricted-Demo")
     member = mounter(emulator, user=TEST_USER, password=TEST_PASSWORD)
-    assert "Restricted-Demo" in os.listdir(member.path)
+    assert "Restricted-Demo" in ls(member.path)
     series = first_series(member.path, "Restricted-Demo")
-    file = series / sorted(os.listdir(series))[0]
+    file = series / ls(series)[0]
     assert file.read_bytes() == truth(archive, file, member.path)
 
 
 def test_a_collection_the_account_may_not_read_is_eacces(emulator, mounter) -> None:
     m = mounter(emulator)
-    os.listdir(m.path)
+    ls(m.path)
     emulator.inject_fault("getPatient", status=403, count=50)
     try:
         with pytest.raises(PermissionError):
-            os.listdir(m.path / "Demo-Head-MR")
+            ls(m.path / "Demo-Head-MR")
     finally:
         emulator.clear_faults()
 
@@ -76,7 +76,7 @@ def test_a_collection_the_account_may_not_read_is_eacces(emulator, mounter) -> N
 def test_server_500s_on_download_are_eio_after_bounded_retries_never_short_data(emulator, mounter) -> None:
     m = mounter(emulator, extra=("--no-prefetch",), env={"NBIAFS_DEADLINE": "6", "NBIAFS_RETRIES": "2"})
     series = first_series(m.path)
-    file = series / sorted(os.listdir(series))[0]
+    file = series / ls(series)[0]
     emulator.reset_stats()
     emulator.inject_fault("getSingleImage", status=500, count=100)
     started = time.monotonic()
@@ -95,7 +95,7 @@ def test_server_500s_on_download_are_eio_after_bounded_retries_never_short_data(
 def test_transient_500s_and_truncated_bodies_are_retried_to_the_right_bytes(emulator, archive, mounter) -> None:
     m = mounter(emulator, extra=("--no-prefetch",))
     series = first_series(m.path)
-    names = sorted(os.listdir(series))
+    names = ls(series)
     emulator.inject_fault("getSingleImage", status=500, count=1)
     assert (series / names[0]).read_bytes() == truth(archive, series / names[0], m.path)
     emulator.inject_fault("getSingleImage", truncate=True, count=1)
@@ -118,7 +118,7 @@ def test_dead_server_gives_eio_quickly_and_cached_files_still_read(make_emulator
     emu = make_emulator()
     m = mounter(emu, extra=("--no-prefetch",), env={"NBIAFS_DEADLINE": "4", "NBIAFS_CONNECT_TIMEOUT": "1"})
     series = first_series(m.path)
-    names = sorted(os.listdir(series))
+    names = ls(series)
     cached = (series / names[0]).read_bytes()
     emu.stop()
     started = time.monotonic()
@@ -134,7 +134,7 @@ def test_reads_keep_working_across_several_token_lifetimes(make_emulator, archiv
     emu = make_emulator(token_ttl=3)
     m = mounter(emu, extra=("--no-prefetch", "--api", "v2"))
     series = first_series(m.path)
-    names = sorted(os.listdir(series))
+    names = ls(series)
     pause = threading.Event()
     started = time.monotonic()
     read = 0
@@ -151,18 +151,18 @@ def test_reads_keep_working_across_several_token_lifetimes(make_emulator, archiv
 def test_tokens_expired_mid_walk_keep_the_walk_working(make_emulator, archive, mounter) -> None:
     emu = make_emulator()
     m = mounter(emu, extra=("--no-prefetch", "--api", "v2"))
-    colls = sorted(os.listdir(m.path))
-    os.listdir(m.path / colls[0])
+    colls = ls(m.path)
+    ls(m.path / colls[0])
     emu.expire_tokens()
     count = 0
-    for dirpath, _, files in os.walk(m.path / colls[1]):
+    for dirpath, _, files in visible_walk(m.path / colls[1]):
         for name in files:
             p = Path(dirpath, name)
             assert p.read_bytes() == truth(archive, p, m.path)
             count += 1
     assert count > 0
     emu.expire_tokens()
-    assert len(os.listdir(m.path / colls[2])) > 0
+    assert len(ls(m.path / colls[2])) > 0
 
 
 def test_wrong_password_fails_clearly_and_mounts_nothing(emulator, tmp_path) -> None:
@@ -181,7 +181,7 @@ def test_offline_mount_serves_the_cache_and_eio_for_the_rest(emulator, mounter, 
     cache = tmp_path / "offline-cache"
     online = mounter(emulator, cache_dir=cache, extra=("--no-prefetch",))
     series = first_series(online.path)
-    names = sorted(os.listdir(series))
+    names = ls(series)
     data = (series / names[0]).read_bytes()
     online.unmount()
     offline = mounter(emulator, cache_dir=cache, offline=True)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import first_series, nbiafs_cli, series_of_count, teardown_mount, wait_until
+from conftest import first_series, ls, nbiafs_cli, series_of_count, teardown_mount, visible_walk, wait_until
 
 from nbiafs import daemon
 from nbiafs.emulator import TEST_PASSWORD, TEST_USER
@@ -28,8 +28,8 @@ def unlisted_series(root: Path, archive, collection: str, patient: str, count: i
     tails = {s.uid[-5:] for st in archive.studies_of(collection, patient)
              for s in archive.series_of_study(st.uid) if len(archive.instances_of(s.uid)) == count}
     patient_dir = root / collection / patient
-    for study in sorted(os.listdir(patient_dir)):
-        for series in sorted(os.listdir(patient_dir / study)):
+    for study in ls(patient_dir):
+        for series in ls(patient_dir / study):
             if series[-5:] in tails:
                 return patient_dir / study / series
     raise AssertionError(f"no series of {count} files under {patient_dir}")
@@ -73,7 +73,7 @@ def test_a_stalled_download_is_eio_within_the_deadline_while_cached_files_still_
     m = mounter(emu, extra=("--no-prefetch",),
                 env={"NBIAFS_READ_TIMEOUT": "1", "NBIAFS_DEADLINE": "3", "NBIAFS_RETRIES": "2"})
     series = first_series(m.path)
-    names = sorted(os.listdir(series))
+    names = ls(series)
     truth = archive_instances(archive, series)
     cached = (series / names[0]).read_bytes()
     assert cached == truth[0].path.read_bytes()
@@ -85,7 +85,7 @@ def test_a_stalled_download_is_eio_within_the_deadline_while_cached_files_still_
         # while that download stalls, a cached file and listings answer at once
         started = time.monotonic()
         assert (series / names[0]).read_bytes() == cached
-        assert sorted(os.listdir(series)) == names
+        assert ls(series) == names
         assert time.monotonic() - started < 2
         thread.join(30)
         assert not thread.is_alive(), "a read of a stalled server hung"
@@ -106,7 +106,7 @@ def test_without_the_drill_down_every_file_has_its_exact_size_order_and_bytes(
     m = mounter(emu, extra=("--no-prefetch",))
     series = unlisted_series(m.path, archive, "Demo-Head-MR", "DHM-0001", 12)
     emu.reset_stats()
-    names = os.listdir(series)
+    names = ls(series)
     truth = archive_instances(archive, series)
     assert sorted(names) == file_names(len(truth))
     assert [os.stat(series / n).st_size for n in sorted(names)] == [i.path.stat().st_size for i in truth]
@@ -126,7 +126,7 @@ def _du(path: Path, *, values_only: bool = False) -> int:
     for a moment while readers hold it open and is cut back at the next checkpoint.
     """
     total = 0
-    for dirpath, _, files in os.walk(path):
+    for dirpath, _, files in visible_walk(path):
         for name in files:
             if values_only and name.startswith("cache.db"):
                 continue
@@ -141,7 +141,7 @@ def test_a_one_megabyte_cache_reads_a_four_megabyte_series_right_and_stays_near_
         make_emulator, archive, mounter) -> None:
     m = mounter(make_emulator(), extra=("--cache-size", "1M"))
     series = series_of_count(m.path, BIG_COLLECTION, BIG_PATIENT, BIG_COUNT)
-    names = sorted(os.listdir(series))
+    names = ls(series)
     truth = archive_instances(archive, series)
     assert sum(i.path.stat().st_size for i in truth) > 4_000_000
     peak = 0
@@ -161,7 +161,7 @@ def test_a_mount_killed_mid_fetch_is_stale_then_unmounts_and_remounts_with_right
     emu = make_emulator()
     m = mounter(emu, extra=("--no-prefetch",))
     series = first_series(m.path)
-    names = sorted(os.listdir(series))
+    names = ls(series)
     truth = archive_instances(archive, series)
     assert (series / names[0]).read_bytes() == truth[0].path.read_bytes()
     emu.reset_stats()
@@ -175,7 +175,7 @@ def test_a_mount_killed_mid_fetch_is_stale_then_unmounts_and_remounts_with_right
     assert not thread.is_alive() and "error" in out  # the reader was let go, with an error
     emu.clear_faults()
     with pytest.raises(OSError) as e:
-        os.listdir(m.path)
+        ls(m.path)
     assert e.value.errno == errno.ENOTCONN  # stale: still in the mount table, nobody serving it
     assert daemon.mount_entry(m.path) is not None
 
@@ -201,17 +201,17 @@ def test_a_guest_mount_never_sees_or_serves_what_a_named_account_fetched_on_the_
     cache = tmp_path / "shared-cache"
     member = mounter(emu, user=TEST_USER, password=TEST_PASSWORD, cache_dir=cache, extra=("--no-prefetch",))
     restricted = first_series(member.path, "Restricted-Demo")
-    secret = restricted / sorted(os.listdir(restricted))[0]
+    secret = restricted / ls(restricted)[0]
     assert secret.read_bytes() == archive_instances(archive, restricted)[0].path.read_bytes()
     public = first_series(member.path)
-    public_name = sorted(os.listdir(public))[0]
+    public_name = ls(public)[0]
     public_bytes = (public / public_name).read_bytes()
     rel_secret, rel_public = secret.relative_to(member.path), public.relative_to(member.path)
     member.unmount()
 
     guest = mounter(emu, cache_dir=cache, extra=("--no-prefetch",))
     emu.reset_stats()
-    assert "Restricted-Demo" not in os.listdir(guest.path)
+    assert "Restricted-Demo" not in ls(guest.path)
     for path in (guest.path / "Restricted-Demo", guest.path / rel_secret):
         with pytest.raises(FileNotFoundError):
             os.stat(path)
@@ -227,7 +227,7 @@ def test_a_token_expired_right_after_the_mount_started_keeps_the_mount_working(
     m = mounter(emu, extra=("--no-prefetch", "--api", "v2"))
     emu.expire_tokens()  # whatever token the mount process holds, it is dead before its first call
     series = first_series(m.path)
-    names = sorted(os.listdir(series))
+    names = ls(series)
     assert (series / names[0]).read_bytes() == archive_instances(archive, series)[0].path.read_bytes()
 
 
@@ -237,7 +237,7 @@ def test_refused_refreshes_fall_back_to_password_logins_during_a_long_read(
     m = mounter(emu, user=TEST_USER, password=TEST_PASSWORD, extra=("--no-prefetch",))
     emu.expire_tokens()  # dead before the mount process's first call
     series = series_of_count(m.path, BIG_COLLECTION, BIG_PATIENT, BIG_COUNT)
-    names = sorted(os.listdir(series))
+    names = ls(series)
     truth = archive_instances(archive, series)
     before = emu.stats()["token"]
     for n, (name, inst) in enumerate(zip(names, truth, strict=True)):
@@ -266,7 +266,7 @@ def test_a_mount_point_with_spaces_backslash_and_non_ascii_mounts_and_unmounts(
         pids = daemon.mount_processes(mp)
         assert pids
         series = first_series(mp)
-        name = sorted(os.listdir(series))[0]
+        name = ls(series)[0]
         assert (series / name).read_bytes() == archive_instances(archive, series)[0].path.read_bytes()
         again = nbiafs_cli("mount", str(mp), "--server", emulator.url, "--cache-dir", str(tmp_path / "c"))
         assert again.returncode == 1 and "already" in again.stderr and str(mp) in again.stderr
@@ -274,6 +274,6 @@ def test_a_mount_point_with_spaces_backslash_and_non_ascii_mounts_and_unmounts(
         assert gone.returncode == 0, gone.stderr
         assert daemon.mount_entry(mp) is None
         assert all(daemon.wait_for_exit(pid, 10) for pid in pids)
-        assert os.listdir(mp) == []
+        assert ls(mp) == []
     finally:
         teardown_mount(mp, pids)

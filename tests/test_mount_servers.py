@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
+from conftest import ls, visible_walk, wait_until
 
 from nbiafs.emulator import Emulator
 
@@ -22,7 +22,7 @@ UID = ("--layout", "uid")
 def tree(root: Path) -> dict[str, int]:
     """Relative path -> size (0 for folders), by lstat only: nothing is opened."""
     out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in visible_walk(root):
         for name in dirnames + filenames:
             p = Path(dirpath, name)
             st = p.lstat()
@@ -69,7 +69,7 @@ def test_every_server_shape_mounts_with_default_options_to_the_same_tree_sizes_a
     assert {p: s for p, s in seen.items() if p.endswith(".dcm")} == expected
     # the same bytes
     one_series = next(p for p in seen if p.count("/") == 3)
-    for name in sorted(os.listdir(m.path / one_series)):
+    for name in ls(m.path / one_series):
         assert (m.path / one_series / name).read_bytes() == truth(archive, m.path / one_series / name)
     versions = emu.versioned_stats()
     if shape.get("v4", True):  # anonymous v4 is there: no login at all
@@ -82,7 +82,7 @@ def test_every_server_shape_mounts_with_default_options_to_the_same_tree_sizes_a
 def test_an_explicit_api_choice_is_kept(make_emulator, mounter) -> None:
     emu = make_emulator()
     m = mounter(emu, extra=(*UID, "--api", "v2"))
-    assert os.listdir(m.path)
+    assert ls(m.path)
     assert emu.stats()["token"] >= 1 and not any(k.startswith("v4/") for k in emu.versioned_stats())
 
 
@@ -92,7 +92,7 @@ def test_a_dead_server_is_eio_on_stat_ls_and_open_and_nothing_of_it_is_remembere
     emu = Emulator(archive_dir, port=0).start()
     restartable.append(emu)
     m = mounter(emu, extra=UID)
-    collection = sorted(os.listdir(m.path))[0]
+    collection = ls(m.path)[0]
     study = archive.studies_of(collection)[0]
     series = archive.series_of_study(study.uid)[0]
     inst = archive.instances_of(series.uid)[0]
@@ -101,13 +101,13 @@ def test_a_dead_server_is_eio_on_stat_ls_and_open_and_nothing_of_it_is_remembere
     port = emu.port
     emu.stop()
     # a listing that cannot be fetched is an I/O error, never "no such file"
-    assert errno_of(lambda: os.listdir(m.path / collection)) == errno.EIO
+    assert errno_of(lambda: ls(m.path / collection)) == errno.EIO
     assert errno_of(lambda: os.stat(patient_dir)) == errno.EIO
     assert errno_of(lambda: open(file, "rb")) == errno.EIO
     back = Emulator(archive_dir, port=port).start()
     restartable.append(back)
     # the same paths list at once: neither nbiafs nor the kernel remembered the failure as an absence
-    assert study.patient_id in os.listdir(m.path / collection)
+    assert study.patient_id in ls(m.path / collection)
     assert os.stat(patient_dir).st_mode
     assert file.read_bytes() == inst.path.read_bytes()
 
@@ -117,26 +117,26 @@ def test_a_proxys_404_or_a_5xx_on_a_listing_is_eio_and_lists_once_the_server_ans
         make_emulator, archive, mounter, status) -> None:
     emu = make_emulator()
     m = mounter(emu, extra=UID)
-    collection = sorted(os.listdir(m.path))[0]
+    collection = ls(m.path)[0]
     patient = archive.patients_of(collection)[0].patient_id
     emu.inject_fault("getPatient", status=status, count=1000)  # beyond every retry
-    assert errno_of(lambda: os.listdir(m.path / collection)) == errno.EIO
+    assert errno_of(lambda: ls(m.path / collection)) == errno.EIO
     assert errno_of(lambda: os.stat(m.path / collection / patient)) == errno.EIO
     emu.clear_faults()
-    assert patient in os.listdir(m.path / collection)
+    assert patient in ls(m.path / collection)
 
 
 def test_sizes_learned_by_a_probe_that_cannot_fetch_are_eio_then_list(make_emulator, archive, mounter) -> None:
     emu = make_emulator()
     m = mounter(emu, extra=(*UID, "--no-drilldown"))
-    collection = sorted(os.listdir(m.path))[0]
+    collection = ls(m.path)[0]
     study = archive.studies_of(collection)[0]
     series = archive.series_of_study(study.uid)[0]
     series_dir = m.path / collection / study.patient_id / study.uid / series.uid
     emu.inject_fault("getSingleImage", status=500, count=1000)  # what an undeliverable instance answers
-    assert errno_of(lambda: os.listdir(series_dir)) == errno.EIO
+    assert errno_of(lambda: ls(series_dir)) == errno.EIO
     emu.clear_faults()
-    assert sorted(os.listdir(series_dir)) == sorted(f"{i.sop_uid}.dcm" for i in archive.instances_of(series.uid))
+    assert ls(series_dir) == sorted(f"{i.sop_uid}.dcm" for i in archive.instances_of(series.uid))
 
 
 def _one_series(archive, collection_index: int = 0):
@@ -155,7 +155,7 @@ def test_a_drilldown_size_of_zero_or_less_is_learned_by_fetching_never_an_empty_
     emu.report_size(lying.sop_uid, claimed)
     m = mounter(emu, extra=(*UID, "--no-prefetch"))
     series_dir = m.path / collection / study.patient_id / study.uid / series.uid
-    sizes = {name: (series_dir / name).stat().st_size for name in os.listdir(series_dir)}
+    sizes = {name: (series_dir / name).stat().st_size for name in ls(series_dir)}
     assert sizes[f"{lying.sop_uid}.dcm"] == lying.size  # learned by fetching it, once
     assert emu.stats()["getSingleImage"] == 1
     assert (series_dir / f"{lying.sop_uid}.dcm").read_bytes() == lying.path.read_bytes()

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
+from conftest import ls, visible_walk, wait_until
 
 pytestmark = pytest.mark.fuse
 
@@ -26,7 +26,7 @@ def sha(data: bytes) -> str:
 def walk(root: Path) -> dict[str, os.stat_result]:
     """Relative path -> lstat of everything under root (stat only, never opens a file)."""
     out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in visible_walk(root):
         for name in dirnames + filenames:
             p = Path(dirpath, name)
             out[str(p.relative_to(root))] = p.lstat()
@@ -56,7 +56,7 @@ def test_tree_sizes_and_bytes_match_the_archive_in_the_descriptive_layout(emulat
     # every file's size is exact before anything was opened
     assert emulator.stats()["getSingleImage"] == 0
     expected = expected_series_files(archive, "nbia_guest")
-    assert sorted(os.listdir(m.path)) == sorted(c.name for c in archive.visible_collections("nbia_guest"))
+    assert ls(m.path) == sorted(c.name for c in archive.visible_collections("nbia_guest"))
     series_dirs = [p for p in tree if p.count(os.sep) == 3]
     assert len(series_dirs) == len(expected)
     seen = set()
@@ -65,7 +65,7 @@ def test_tree_sizes_and_bytes_match_the_archive_in_the_descriptive_layout(emulat
                          and p.endswith(study_uid[-5:]))
         series_dir = next(p for p in series_dirs if p.startswith(study_dir + "/") and p.endswith(series_uid[-5:]))
         seen.add(series_dir)
-        names = sorted(n for n in os.listdir(m.path / series_dir))
+        names = sorted(n for n in ls(m.path / series_dir))
         width = max(3, len(str(len(instances))))
         assert names == [f"1-{i:0{width}d}.dcm" for i in range(1, len(instances) + 1)]
         for name, inst in zip(names, instances):
@@ -82,7 +82,7 @@ def test_descriptive_names_follow_the_data_retriever(emulator, archive, mounter)
     study_name = retriever_name(study.date.strftime("%m-%d-%Y"), study.study_id, study.description, uid=study.uid)
     series_name = retriever_name(series.number, series.description, uid=series.uid)
     assert study_name == f"12-12-2003-1001-CT CHEST W-O CONTRAST-{study.uid[-5:]}"
-    assert sorted(os.listdir(m.path / "Demo-Chest-CT" / "DCC-0001" / study_name / series_name)) == [
+    assert ls(m.path / "Demo-Chest-CT" / "DCC-0001" / study_name / series_name) == [
         "1-001.dcm", "1-002.dcm", "1-003.dcm"]
 
 
@@ -91,7 +91,7 @@ def test_uid_layout_uses_raw_uids(emulator, archive, mounter) -> None:
     expected = expected_series_files(archive, "nbia_guest")
     for (coll, patient, study_uid, series_uid), instances in list(expected.items())[:4]:
         folder = m.path / coll / patient / study_uid / series_uid
-        assert sorted(os.listdir(folder)) == sorted(f"{i.sop_uid}.dcm" for i in instances)
+        assert ls(folder) == sorted(f"{i.sop_uid}.dcm" for i in instances)
         inst = instances[0]
         assert (folder / f"{inst.sop_uid}.dcm").stat().st_size == inst.size
 
@@ -107,7 +107,7 @@ def test_names_are_visible_unique_and_stable_across_remounts(emulator, mounter, 
         for part in rel.split(os.sep):
             assert not part.startswith(".") and part.strip() == part and part
     # unique: os.walk would have merged duplicates; compare with the directory entry counts
-    for _dirpath, dirnames, filenames in os.walk(second.path):
+    for _dirpath, dirnames, filenames in visible_walk(second.path):
         names = dirnames + filenames
         assert len(names) == len(set(names))
 
@@ -115,20 +115,20 @@ def test_names_are_visible_unique_and_stable_across_remounts(emulator, mounter, 
 def test_each_level_costs_one_metadata_call_and_stat_costs_none(emulator, archive, mounter) -> None:
     m = mounter(emulator, extra=("--no-prefetch", "--no-walk-ahead"))  # each level alone
     emulator.reset_stats()
-    os.listdir(m.path)
+    ls(m.path)
     assert sum(api_calls(emulator.stats()).values()) == 1
     levels = [m.path / "Demo-Chest-CT", m.path / "Demo-Chest-CT" / "DCC-0001"]
     for level in levels:
         emulator.reset_stats()
-        os.listdir(level)
+        ls(level)
         assert sum(api_calls(emulator.stats()).values()) == 1, api_calls(emulator.stats())
-    study = levels[-1] / os.listdir(levels[-1])[0]
+    study = levels[-1] / ls(levels[-1])[0]
     emulator.reset_stats()
-    os.listdir(study)
+    ls(study)
     assert sum(api_calls(emulator.stats()).values()) == 1, api_calls(emulator.stats())
-    series = study / sorted(os.listdir(study))[0]
+    series = study / ls(study)[0]
     emulator.reset_stats()
-    files = sorted(os.listdir(series))
+    files = ls(series)
     assert sum(api_calls(emulator.stats()).values()) <= 2, api_calls(emulator.stats())
     emulator.reset_stats()
     for name in files:
@@ -144,7 +144,7 @@ def test_each_level_costs_one_metadata_call_and_stat_costs_none(emulator, archiv
 
 def test_unknown_names_are_enoent_without_repeated_calls(emulator, mounter) -> None:
     m = mounter(emulator)
-    os.listdir(m.path / "Demo-Chest-CT")
+    ls(m.path / "Demo-Chest-CT")
     emulator.reset_stats()
     for _ in range(3):
         for missing in (m.path / "No-Such-Collection", m.path / "Demo-Chest-CT" / "NOPE-0001",
@@ -172,9 +172,9 @@ def test_prefetch_brings_the_rest_of_a_series_into_the_cache(emulator, mounter, 
     cache = tmp_path / "prefetch-cache"
     m = mounter(emulator, cache_dir=cache)
     series = m.path / "Demo-Head-MR" / "DHM-0001"
-    series = series / os.listdir(series)[0]
-    series = next(series / d for d in os.listdir(series) if d.startswith("5-"))
-    names = sorted(os.listdir(series))
+    series = series / ls(series)[0]
+    series = next(series / d for d in ls(series) if d.startswith("5-"))
+    names = ls(series)
     emulator.reset_stats()
     (series / names[0]).read_bytes()
     # the remaining files arrive in the background; a remount then reads them with no API call

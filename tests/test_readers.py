@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
+from conftest import ls, require_tool, visible_walk
 
 pytestmark = pytest.mark.fuse
 
@@ -41,15 +41,15 @@ def mounted(tmp_path_factory, archive_dir):
 
 def big_series(mp: Path) -> Path:
     patient = mp / "Demo-Chest-CT" / "DCC-0001"
-    study = patient / os.listdir(patient)[0]
-    return next(study / s for s in os.listdir(study) if len(os.listdir(study / s)) == 120)
+    study = patient / ls(patient)[0]
+    return next(study / s for s in ls(study) if len(ls(study / s)) == 120)
 
 
 def test_pydicom_reads_every_file(mounted: Path) -> None:
     import pydicom
 
     count = 0
-    for dirpath, _, files in os.walk(mounted):
+    for dirpath, _, files in visible_walk(mounted):
         for name in files:
             ds = pydicom.dcmread(os.path.join(dirpath, name))
             assert ds.SOPInstanceUID and ds.pixel_array.size > 0
@@ -96,12 +96,12 @@ def test_find_du_and_cp_of_a_patient_folder(mounted: Path, tmp_path: Path) -> No
     found = subprocess.run(["find", str(patient), "-name", "*.dcm"], capture_output=True, text=True, timeout=60)
     assert found.returncode == 0 and len(found.stdout.split("\n")) - 1 == 20
     du = subprocess.run(["du", "-sb", str(patient)], capture_output=True, text=True, timeout=60)
-    total = sum(Path(d, f).stat().st_size for d, _, fs in os.walk(patient) for f in fs)
+    total = sum(Path(d, f).stat().st_size for d, _, fs in os.walk(patient) for f in fs)  # metadata files too
     assert du.returncode == 0 and int(du.stdout.split()[0]) == total
     target = tmp_path / "copy"
     cp = subprocess.run(["cp", "-r", str(patient), str(target)], capture_output=True, text=True, timeout=120)
     assert cp.returncode == 0, cp.stderr
-    for dirpath, _, files in os.walk(patient):
+    for dirpath, _, files in visible_walk(patient):
         rel = Path(dirpath).relative_to(patient)
         for name in files:
             assert filecmp.cmp(Path(dirpath, name), target / rel / name, shallow=False)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
+from conftest import ls, visible_walk, wait_until
 
 from nbiafs.errors import ServerError
 from nbiafs.walkahead import WalkAhead, walk_starts
@@ -204,11 +204,11 @@ def test_a_cold_find_costs_one_call_per_listing_two_per_study_and_a_second_walk_
 
 
 def walk_twice(emu, m) -> None:
-    collections = os.listdir(m.path)
+    collections = ls(m.path)
     assert len(collections) == 1
     before = emu.stats()
     found = []
-    for dirpath, dirnames, filenames in os.walk(m.path / collections[0]):  # what find -ls does
+    for dirpath, dirnames, filenames in visible_walk(m.path / collections[0]):  # what find -ls does
         for name in dirnames + filenames:
             found.append(os.lstat(os.path.join(dirpath, name)).st_size)
     spent = emu.stats() - before
@@ -217,7 +217,7 @@ def walk_twice(emu, m) -> None:
     assert spent["getStudyDrillDownWithSeriesIds"] == 12 and spent["getImageDrillDown"] == 12
     assert spent["getSingleImage"] == 0 and spent["token"] == 0
     before = emu.stats()
-    for dirpath, dirnames, filenames in os.walk(m.path / collections[0]):
+    for dirpath, dirnames, filenames in visible_walk(m.path / collections[0]):
         for name in dirnames + filenames:
             os.lstat(os.path.join(dirpath, name))
     assert emu.stats() - before == {}
