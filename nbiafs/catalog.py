@@ -70,6 +70,10 @@ LISTINGS_MAXSIZE = 1024
 #: would otherwise keep LISTINGS_MAXSIZE big listings (gigabytes). A bigger listing is rebuilt from
 #: the metadata cache when needed.
 LISTINGS_MAX_NODES = 250_000
+#: How long a built series listing (its instances never change) is kept, memory allowing.
+STABLE_TTL = 10 * 365 * 86400.0
+#: getUpdatedSeries is asked from this long before the oldest listing it checks (clock skew, time zones).
+UPDATED_MARGIN = dt.timedelta(days=1)
 #: Parallel probes when sizes must be learned by fetching (without the drill-down).
 PROBE_WORKERS = 8
 #: Series per drill-down pair: all the series of a study at once, in batches of this many.
@@ -101,6 +105,7 @@ class _Client(Protocol):  # the part of NbiaClient the catalog uses
                modality: str | None = None) -> list[Series]: ...
     def sop_instance_uids(self, series_uid: str) -> list[str]: ...
     def drilldown(self, series_uids: Sequence[str]) -> DrillDown | None: ...
+    def updated_series(self, from_date: dt.date) -> list[Series]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +136,18 @@ class Node:
     @property
     def nlink(self) -> int:
         return 2 if self.is_dir else 1
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshReport:
+    """What ``Catalog.refresh`` did."""
+
+    path: str
+    added: list[str]
+    removed: list[str]
+    forgotten: int  # listings forgotten (to be listed again when next needed)
+    changed_series: int | None  # what getUpdatedSeries reported (None: not asked)
+    note: str
 
 
 def stable_ino(namespace: str, kind: str, *ids: object) -> int:
@@ -196,8 +213,10 @@ class Catalog:
         self.namespace = meta.namespace
         self.root = Node("root", "/", ROOT_INO, DEFAULT_MTIME)
         least = max(1, LISTINGS_MAX_NODES // LISTINGS_MAXSIZE)  # so at most LISTINGS_MAXSIZE listings fit
-        self._listings: cachetools.TTLCache[str, dict[str, Node]] = cachetools.TTLCache(
-            LISTINGS_MAX_NODES, meta.ttl, getsizeof=lambda built: max(least, len(built) + 1))
+        # built listings live as long as the records behind them: a series' for good, the others the ttl
+        self._listings: cachetools.TLRUCache[str, dict[str, Node]] = cachetools.TLRUCache(
+            LISTINGS_MAX_NODES, lambda path, built, now: now + (STABLE_TTL if path.count("/") == 4 else meta.ttl),
+            getsizeof=lambda built: max(least, len(built) + 1))
         self._drilled: cachetools.TTLCache[str, list[Instance]] = cachetools.TTLCache(
             DRILLED_MAX_RECORDS, DRILLED_TTL, getsizeof=lambda found: len(found) + 1)
         self._drill_flights: dict[str, Flight[None]] = {}
@@ -258,6 +277,82 @@ class Catalog:
         log.warning("%s: the server sends %d bytes, its metadata said %d; showing the true size from now on",
                     node.path, true_size, node.size)
         return dataclasses.replace(node, size=true_size)
+
+    # -- freshness ----------------------------------------------------------------------------
+    def refresh(self, path: str) -> RefreshReport:
+        """List ``path`` again now, and forget what may have changed below it (``nbiafs refresh``).
+
+        Series never change, so a series (or a file) is never listed again. For a folder above, the
+        listings cached below it that can change are checked with one ``getUpdatedSeries`` since the
+        oldest of them was fetched: only the collections, patients and studies holding a changed or
+        new series are listed again later, the rest stays. Without that answer (the server has no
+        such endpoint, or nothing below was cached), every such listing below is forgotten. The
+        folder's own listing is always made again at once, to tell what appeared and what went.
+        """
+        node = self.lookup(path)
+        if node.kind not in ("root", "collection", "patient", "study"):
+            return RefreshReport(node.path, [], [], 0, None, "a series never changes once published")
+        before = set(self._listing(node))
+        cached = self._cached_changing(node)
+        own = self._listing_key(node)
+        dropped: set[tuple[str, ...]] = set(cached) | {own}
+        changed: int | None = None
+        fetched = [t for t in (self.meta.fetched_at(key[0], *key[1:]) for key in cached) if t is not None]
+        if fetched and len(cached) > 1 and not self.offline:
+            since = dt.datetime.fromtimestamp(min(fetched), dt.timezone.utc).date() - UPDATED_MARGIN
+            try:
+                updated = self.client.updated_series(since)
+            except NbiaError as exc:
+                log.info("getUpdatedSeries failed (%s): forgetting every listing below %s", exc, node.path)
+            else:
+                changed = len(updated)
+                touched = {own}
+                for s in updated:
+                    if s.collection and s.patient_id:
+                        touched |= {("patients", s.collection), ("studies", s.collection, s.patient_id),
+                                    ("series", s.collection, s.patient_id, s.study_uid)}
+                touched.add(("collections",))
+                dropped = {key for key in touched if key in cached or key == own}
+        for key in dropped:
+            self.meta.drop(key[0], *key[1:])
+        prefix = node.path.rstrip("/") + "/"
+        with self._lock:
+            for built_path in [p for p in self._listings if p == node.path or p.startswith(prefix)]:
+                if built_path.count("/") < 4:  # a series' listing stays: its instances do not change
+                    self._listings.pop(built_path, None)
+        after = set(self._listing(node))
+        return RefreshReport(node.path, sorted(after - before), sorted(before - after), len(dropped), changed,
+                             "listed again")
+
+    @staticmethod
+    def _listing_key(node: Node) -> tuple[str, ...]:
+        """The metadata-cache key (what, *ids) of the listing of ``node``."""
+        ids = [i for i in (node.collection, node.patient_id, node.study_uid) if i is not None]
+        what = {"root": "collections", "collection": "patients", "patient": "studies", "study": "series"}[node.kind]
+        return (what, *ids)
+
+    def _cached_changing(self, node: Node) -> list[tuple[str, ...]]:
+        """Keys of the listings that can change, cached at ``node`` and below (nothing is loaded)."""
+        keys: list[tuple[str, ...]] = []
+
+        def visit(key: tuple[str, ...]) -> list[Any]:
+            records = self.meta.get(key[0], *key[1:])
+            if records is None:
+                return []
+            keys.append(key)
+            return list(records)
+
+        collections = [str(node.collection)] if node.kind != "root" else [
+            c.name for c in visit(("collections",)) if isinstance(c, Collection)]
+        for coll in collections:
+            patients = [str(node.patient_id)] if node.kind in ("patient", "study") else [
+                p.patient_id for p in visit(("patients", coll)) if isinstance(p, Patient)]
+            for pid in patients:
+                studies = [str(node.study_uid)] if node.kind == "study" else [
+                    s.study_uid for s in visit(("studies", coll, pid)) if isinstance(s, Study)]
+                for study in studies:
+                    visit(("series", coll, pid, study))
+        return keys
 
     # -- listings -----------------------------------------------------------------------------
     def _listing(self, node: Node) -> dict[str, Node]:

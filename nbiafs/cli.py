@@ -1,7 +1,8 @@
 """Command-line parsing for ``nbiafs``: builds arguments and hands them to the module that owns each command.
 
-Commands: ``mount``, ``unmount`` (:mod:`nbiafs.mountcmd`), ``demo`` (:mod:`nbiafs.demo`), ``config``
-(the effective settings and where each came from) and ``emulator`` (:mod:`nbiafs.emulator.command`).
+Commands: ``mount``, ``unmount`` (:mod:`nbiafs.mountcmd`), ``demo`` (:mod:`nbiafs.demo`), ``refresh``
+(:mod:`nbiafs.refreshcmd`), ``config`` (the effective settings and where each came from) and
+``emulator`` (:mod:`nbiafs.emulator.command`).
 Every option flag comes from the table in :mod:`nbiafs.options`. Nothing here talks to a server or
 touches FUSE.
 """
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_demo = sub.add_parser("demo", help="start the bundled emulator and mount its sample archive")
     _add_mount_arguments(p_demo)
+
+    p_refresh = sub.add_parser("refresh", help="list folders of a mount again now (collections gain series)")
+    p_refresh.add_argument("paths", nargs="+", metavar="PATH", help="a folder inside a running nbiafs mount")
 
     p_config = sub.add_parser("config", help="print the effective settings and where each comes from")
     options.add_flags(p_config, options.GROUPS)
@@ -114,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_emulator(args)
         if args.command == "config":
             return show_config(args)
+        if args.command == "refresh":
+            from .refreshcmd import refresh
+
+            return refresh(args)
         if args.command == "demo":
             from .demo import demo
 

@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import NbiaError
 
@@ -252,10 +253,16 @@ def _start_time(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
-def record_mount(mountpoint: str | os.PathLike[str], pid: int | None = None) -> None:
-    """Record that process ``pid`` (default: this one) serves ``mountpoint``."""
+def control_socket_path(mountpoint: str | os.PathLike[str]) -> Path:
+    """Where the mount on ``mountpoint`` listens for control requests (see :mod:`nbiafs.control`)."""
+    return _record_path(mountpoint).with_suffix(".sock")
+
+
+def record_mount(mountpoint: str | os.PathLike[str], pid: int | None = None, **facts: Any) -> None:
+    """Record that process ``pid`` (default: this one) serves ``mountpoint``; ``facts`` (its server,
+    account, cache dir, control socket: never a secret) are kept with it for other commands."""
     pid = os.getpid() if pid is None else pid
-    record = {"pid": pid, "start_time": _start_time(pid), "mountpoint": canonical(mountpoint)}
+    record = {**facts, "pid": pid, "start_time": _start_time(pid), "mountpoint": canonical(mountpoint)}
     path = _record_path(mountpoint)
     tmp = path.with_suffix(f".{pid}.tmp")
     tmp.write_text(json.dumps(record))
@@ -273,23 +280,50 @@ def remove_record(mountpoint: str | os.PathLike[str], pid: int | None = None) ->
         pass
 
 
-def mount_processes(mountpoint: str | os.PathLike[str]) -> list[int]:
-    """The pid of the nbiafs process serving ``mountpoint`` ([] when none: never mounted, or it died)."""
+def mount_record(mountpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The run record of the live nbiafs process serving ``mountpoint``, or None (none, or it died)."""
     try:
         path = _record_path(mountpoint)
         record = json.loads(path.read_text())
         pid, started = int(record["pid"]), record.get("start_time")
     except (OSError, ValueError, KeyError, TypeError, NbiaError):
-        return []
-    if record.get("mountpoint") != canonical(mountpoint):
-        return []
+        return None
+    if not isinstance(record, dict) or record.get("mountpoint") != canonical(mountpoint):
+        return None
     if not _alive(pid) or (started is not None and _start_time(pid) != started):
         try:  # the process died (kill -9?): the record is stale
             path.unlink()
         except OSError:
             pass
-        return []
-    return [pid]
+        return None
+    return record
+
+
+def mount_processes(mountpoint: str | os.PathLike[str]) -> list[int]:
+    """The pid of the nbiafs process serving ``mountpoint`` ([] when none: never mounted, or it died)."""
+    record = mount_record(mountpoint)
+    return [int(record["pid"])] if record is not None else []
+
+
+def mount_containing(path: str | os.PathLike[str]) -> tuple[str, str]:
+    """``(mount point, path inside the mount)`` of the nbiafs mount holding ``path``; NbiaError if none.
+
+    Reads the mount table only: nothing under a (possibly hung) mount is touched.
+    """
+    target = canonical(path)
+    candidate = target
+    while True:
+        entry = mount_entry(candidate)
+        if entry is not None:
+            if not is_nbiafs_mount(entry):
+                break
+            inside = target[len(candidate):] or "/"
+            return candidate, inside if inside.startswith("/") else "/" + inside
+        parent = os.path.dirname(candidate)
+        if parent == candidate:
+            break
+        candidate = parent
+    raise NbiaError(f"{path} is not inside an nbiafs mount")
 
 
 def wait_for_exit(pid: int, timeout: float) -> bool:

@@ -144,6 +144,10 @@ class NbiaFS(fuse.Operations):
     def init(self, path: str) -> None:
         """Start the background services (after any fork), then report readiness."""
         error: BaseException | None = None
+        try:  # the libfuse handle, for invalidations asked from other threads later
+            self._fuse_handle = fuse._libfuse.fuse_get_context().contents.fuse
+        except (AttributeError, ValueError):  # not inside libfuse (tests)
+            self._fuse_handle = None
         try:
             if self.tokens is not None:
                 self.tokens.start()
@@ -294,23 +298,21 @@ class NbiaFS(fuse.Operations):
         except Exception:  # prefetch is an optimisation: never fail the open for it
             log.warning("could not schedule the prefetch of series %s", node.series_uid, exc_info=True)
 
-    def _invalidate_soon(self, path: str) -> None:
-        """Drop the kernel's cached attributes and pages of ``path`` once this request is answered."""
-        try:
-            handle = fuse._libfuse.fuse_get_context().contents.fuse
-        except (AttributeError, ValueError):  # not inside a libfuse callback (tests)
-            return
+    def invalidate(self, path: str) -> None:
+        """Make the kernel forget its cached attributes and pages of ``path`` (any thread but a request's
+        own: the kernel may wait for that request to end). A path it never looked up is left alone."""
+        handle = getattr(self, "_fuse_handle", None)
         if not handle:
             return
-        invalidate = fuse._libfuse.fuse_invalidate_path
-        invalidate.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-        invalidate.restype = ctypes.c_int
+        call = fuse._libfuse.fuse_invalidate_path
+        call.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        call.restype = ctypes.c_int
+        code = call(ctypes.c_void_p(handle), path.encode("utf-8", "surrogateescape"))
+        log.debug("invalidated the kernel's attributes of %s (%d)", path, code)
 
-        def run() -> None:
-            code = invalidate(ctypes.c_void_p(handle), path.encode("utf-8", "surrogateescape"))
-            log.debug("invalidated the kernel's attributes of %s (%d)", path, code)
-
-        threading.Thread(target=run, name="nbiafs-invalidate", daemon=True).start()
+    def _invalidate_soon(self, path: str) -> None:
+        """:meth:`invalidate` ``path`` from a helper thread, once this request is answered."""
+        threading.Thread(target=self.invalidate, args=(path,), name="nbiafs-invalidate", daemon=True).start()
 
     @_guarded
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:

@@ -4,12 +4,15 @@ Owns: where listings are kept, for how long, under which keys, and single-flight
 loader call per key however many threads ask at once; a lock per key, never one global lock held
 while loading, so a slow listing never blocks another).
 
-* Memory: a ``cachetools.TTLCache`` (``ttl`` seconds, at most ``maxsize`` listings holding at most
-  ``max_records`` records in all), guarded by a lock. A listing bigger than ``max_records`` is kept on
-  disk only.
-* Disk: a ``diskcache.Cache`` at ``path`` (``cache_dir/"metadata"``), entries expire after
-  ``disk_ttl`` seconds (30 days by default: published TCIA data does not change). ``path=None``
-  keeps everything in memory only.
+* Lifetimes: listings that can change (collections gain patients, patients studies, studies series)
+  live ``ttl`` seconds (``--metadata-ttl``, a day by default), in memory and on disk alike; the
+  ``stable`` ones (a series' instances: published series never change) live ``disk_ttl`` (30 days)
+  on disk and as long as memory allows. :meth:`MetadataCache.drop` forgets one at once (``nbiafs
+  refresh``), and every entry remembers when it was fetched (:meth:`MetadataCache.fetched_at`).
+* Memory: a ``cachetools.TLRUCache`` (at most ``maxsize`` listings holding at most ``max_records``
+  records in all), guarded by a lock. A listing bigger than ``max_records`` is kept on disk only.
+* Disk: a ``diskcache.Cache`` at ``path`` (``cache_dir/"metadata"``). ``path=None`` keeps everything
+  in memory only.
 * Keys are ``(SCHEMA_VERSION, namespace, what, *ids)``; the namespace is the server URL plus the
   account name, so a guest mount never sees what a named account listed.
 
@@ -45,7 +48,9 @@ from .singleflight import Flight
 log = logging.getLogger(__name__)
 
 #: Bump when the shape of cached records changes: old disk entries are then ignored.
-SCHEMA_VERSION = 2  # 2: slotted records
+SCHEMA_VERSION = 3  # 2: slotted records; 3: (fetched_at, value) entries
+#: What never changes once published: kept ``disk_ttl`` on disk, however short ``ttl`` is.
+STABLE_KINDS = frozenset({"instances", "manifest"})
 #: Disk entries live 30 days: TCIA data is immutable once published; new series appear rarely.
 DEFAULT_DISK_TTL = 30 * 24 * 3600.0
 #: Listings kept in memory (a listing is one directory: a few records up to a few thousand).
@@ -76,7 +81,8 @@ class MetadataCache:
                  disk_ttl: float | None = DEFAULT_DISK_TTL, maxsize: int = DEFAULT_MAXSIZE, *,
                  wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
                  timer: Callable[[], float] = time.monotonic,
-                 max_records: int = DEFAULT_MAX_RECORDS, db_timeout: float = DEFAULT_DB_TIMEOUT) -> None:
+                 max_records: int = DEFAULT_MAX_RECORDS, db_timeout: float = DEFAULT_DB_TIMEOUT,
+                 stable: frozenset[str] = STABLE_KINDS) -> None:
         if ttl <= 0:
             raise ValueError("ttl must be positive")
         if maxsize <= 0 or max_records <= 0:
@@ -85,11 +91,14 @@ class MetadataCache:
         self.ttl = ttl
         self.disk_ttl = disk_ttl
         self.wait_timeout = wait_timeout
+        self.stable = stable
+        self._clock = time.time  # fetch times are wall-clock: getUpdatedSeries takes dates
         # One weighted cache enforces both bounds: a listing weighs its record count + 1, and at least
         # max_records / maxsize, so no more than maxsize listings fit either.
         least = max(1, max_records // maxsize)
-        self._memory: cachetools.TTLCache[Hashable, Any] = cachetools.TTLCache(
-            max_records, ttl, timer, getsizeof=lambda value: max(least, _records(value) + 1))
+        self._memory: cachetools.TLRUCache[Hashable, Any] = cachetools.TLRUCache(
+            max_records, lambda key, value, now: now + self._memory_ttl(key), timer,
+            getsizeof=lambda entry: max(least, _records(entry[1]) + 1))
         self._lock = threading.Lock()  # guards _memory and _flights; never held while loading
         self._flights: dict[Hashable, Flight[Any]] = {}
         self.db_timeout = db_timeout
@@ -106,16 +115,41 @@ class MetadataCache:
                 db.close()
                 log.warning("metadata cache at %s unusable (%s); keeping metadata in memory only", path, exc)
 
-    # -- keys ---------------------------------------------------------------------------------
+    # -- keys and lifetimes -------------------------------------------------------------------
     def key(self, what: str, *ids: object) -> tuple[object, ...]:
         """The full cache key of a listing."""
         return (SCHEMA_VERSION, self.namespace, what, *ids)
 
+    def _is_stable(self, key: Hashable) -> bool:
+        return isinstance(key, tuple) and len(key) > 2 and key[2] in self.stable
+
+    def _memory_ttl(self, key: Hashable) -> float:
+        return 10 * 365 * 86400.0 if self._is_stable(key) else self.ttl
+
+    def _disk_ttl(self, key: Hashable) -> float | None:
+        if self._is_stable(key):
+            return self.disk_ttl
+        return self.ttl if self.disk_ttl is None else min(self.ttl, self.disk_ttl)
+
     # -- plain access -------------------------------------------------------------------------
     def get(self, what: str, *ids: object, default: Any = None) -> Any:
         """The cached value of ``(what, *ids)`` from memory or disk, or ``default``."""
-        value = self._lookup(self.key(what, *ids))
-        return default if value is _MISSING else value
+        entry = self._lookup(self.key(what, *ids))
+        return default if entry is _MISSING else entry[1]
+
+    def fetched_at(self, what: str, *ids: object) -> float | None:
+        """When ``(what, *ids)`` was fetched from the server (seconds since the epoch), or None."""
+        entry = self._lookup(self.key(what, *ids))
+        return None if entry is _MISSING else float(entry[0])
+
+    def drop(self, what: str, *ids: object) -> None:
+        """Forget ``(what, *ids)``, in memory and on disk: the next ask loads it again."""
+        key = self.key(what, *ids)
+        with self._lock:
+            self._memory.pop(key, None)
+        disk, db = self._disk, self._db
+        if disk is not None and db is not None:
+            db.submit(lambda: disk.delete(key))
 
     def put(self, what: str, *ids: object, value: Any) -> None:
         """Keep ``value`` in memory and on disk."""
@@ -130,9 +164,9 @@ class MetadataCache:
         (treated as corrupt: dropped and loaded again).
         """
         key = self.key(what, *ids)
-        value = self._lookup(key, validate)
-        if value is not _MISSING:
-            return value
+        entry = self._lookup(key, validate)
+        if entry is not _MISSING:
+            return entry[1]
         with self._lock:
             flight = self._flights.get(key)
             leader = flight is None
@@ -143,10 +177,12 @@ class MetadataCache:
             return flight.wait(self.wait_timeout, lambda: ServerError(
                 f"timed out after {self.wait_timeout:.0f}s waiting for a listing of {what}"))
         try:
-            value = self._lookup(key, validate)  # another leader may have finished just before us
-            if value is _MISSING:
+            entry = self._lookup(key, validate)  # another leader may have finished just before us
+            if entry is _MISSING:
                 value = loader()
                 self._store(key, value)
+            else:
+                value = entry[1]
             flight.succeed(value)
             return value
         except BaseException as exc:
@@ -172,27 +208,32 @@ class MetadataCache:
 
     # -- internals ----------------------------------------------------------------------------
     def _lookup(self, key: Hashable, validate: Callable[[Any], bool] | None = None) -> Any:
+        """The entry ``(fetched_at, value)`` of ``key``, or _MISSING."""
         with self._lock:
-            value = self._memory.get(key, _MISSING)
-        if value is not _MISSING:
-            return value
+            entry = self._memory.get(key, _MISSING)
+        if entry is not _MISSING:
+            return entry
         disk, db = self._disk, self._db
         if disk is None or db is None:
             return _MISSING
         try:
-            value = db.call(lambda: disk.get(key, default=_MISSING), timeout=self.db_timeout)
+            entry = db.call(lambda: disk.get(key, default=_MISSING), timeout=self.db_timeout)
         except (DbTimeout, diskcache.Timeout) as exc:  # busy, not broken: load it, keep the entry
             log.info("metadata cache did not answer (%s); asking the server instead", exc)
             return _MISSING
         except Exception as exc:  # noqa: BLE001 - any unreadable entry (unpickling can raise anything)
             self._drop_unreadable(key, exc)
             return _MISSING
-        if value is not _MISSING and validate is not None and not validate(value):
+        if entry is _MISSING:
+            return _MISSING
+        if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], (int, float))):
+            self._drop_unreadable(key, ValueError("not an entry of this schema"))
+            return _MISSING
+        if validate is not None and not validate(entry[1]):
             self._drop_unreadable(key, ValueError("cached value has the wrong shape"))
             return _MISSING
-        if value is not _MISSING:
-            self._remember(key, value)
-        return value
+        self._remember(key, entry)
+        return entry
 
     def _drop_unreadable(self, key: Hashable, exc: BaseException) -> None:
         log.warning("dropping unreadable metadata cache entry %r: %s", key[2:], exc)  # type: ignore[index]
@@ -200,24 +241,25 @@ class MetadataCache:
         if disk is not None and db is not None:
             db.submit(lambda: disk.delete(key))
 
-    def _remember(self, key: Hashable, value: Any) -> None:
+    def _remember(self, key: Hashable, entry: tuple[float, Any]) -> None:
         with self._lock:
             try:
-                self._memory[key] = value
+                self._memory[key] = entry
             except ValueError:  # bigger than the whole memory bound: served from disk only
                 self._memory.pop(key, None)
 
     def _store(self, key: Hashable, value: Any) -> None:
-        self._remember(key, value)
+        entry = (self._clock(), value)
+        self._remember(key, entry)
         disk, db = self._disk, self._db
         if disk is None or db is None:
             return
-        db.submit(lambda: self._write(disk, key, value))
+        db.submit(lambda: self._write(disk, key, entry))
 
-    def _write(self, disk: diskcache.Cache, key: Hashable, value: Any) -> None:
+    def _write(self, disk: diskcache.Cache, key: Hashable, entry: tuple[float, Any]) -> None:
         """On the database thread: write one entry; a failure is logged once, memory keeps serving."""
         try:
-            disk.set(key, value, expire=self.disk_ttl)
+            disk.set(key, entry, expire=self._disk_ttl(key))
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             if not self._disk_write_failed:
                 log.warning("cannot write the metadata cache (%s); serving listings from memory", exc)

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 from . import daemon, options
 from .config import Resolved, Settings, resolve
@@ -205,10 +206,13 @@ def run_mount(settings: Settings, mountpoint: str, password: str, *,
     reporter = reporter or daemon.ReadyReporter(None)
     failure: list[BaseException] = []
 
+    control: list[Any] = []
+
     def on_ready(error: BaseException | None) -> None:
         if error is None:
             try:
-                daemon.record_mount(mountpoint)
+                control.append(_start_control(mountpoint, layers, operations))
+                daemon.record_mount(mountpoint, **_record_facts(settings, str(control[0].path)))
             except (OSError, NbiaError) as exc:  # unmount then falls back to the mount table alone
                 log.warning("could not record this mount's process (%s)", exc)
             if layers.walker is not None:
@@ -224,7 +228,7 @@ def run_mount(settings: Settings, mountpoint: str, password: str, *,
         stack.callback(layers.close)
         operations = fs.NbiaFS(layers.catalog, layers.store, tokens=layers.tokens, prefetch=settings.prefetch,
                                uid=settings.uid, gid=settings.gid, umask=settings.umask, on_ready=on_ready,
-                               on_destroy=lambda: daemon.remove_record(mountpoint),
+                               on_destroy=lambda: _stop_control(mountpoint, control),
                                stop_first=layers.close_client,
                                on_readdir=layers.walker.on_readdir if layers.walker is not None else None,
                                meta=layers.metafiles)
@@ -239,6 +243,39 @@ def run_mount(settings: Settings, mountpoint: str, password: str, *,
     if failure:
         raise MountError(f"the mount stopped: {failure[0]}")
     return 0
+
+
+def _record_facts(settings: Settings, control: str) -> dict[str, Any]:
+    """What other commands need to know of this mount (never a secret)."""
+    return {"control": control, "server": settings.base_url, "user": settings.user, "api": settings.api,
+            "cache_dir": str(settings.cache_dir), "cache_size": settings.cache_size, "layout": settings.layout,
+            "manifest": str(settings.manifest) if settings.manifest else None}
+
+
+def _start_control(mountpoint: str, layers: Any, operations: Any) -> Any:
+    """The mount's control socket (``nbiafs refresh`` ...), served from this process."""
+    from .control import ControlServer
+
+    def refresh(request: dict[str, Any]) -> dict[str, Any]:
+        path = str(request.get("path") or "/")
+        report = layers.catalog.refresh(path)
+        operations.invalidate(report.path)
+        return {"path": report.path, "added": report.added, "removed": report.removed,
+                "forgotten": report.forgotten, "changed_series": report.changed_series, "note": report.note}
+
+    def stats(request: dict[str, Any]) -> dict[str, Any]:
+        from .app import store_counters
+
+        return {"stats": store_counters(layers.store)}
+
+    return ControlServer(daemon.control_socket_path(mountpoint), {"refresh": refresh, "stats": stats,
+                                                                  "ping": lambda request: {}})
+
+
+def _stop_control(mountpoint: str, control: list[Any]) -> None:
+    for server in control:
+        server.close()
+    daemon.remove_record(mountpoint)
 
 
 # ---------------------------------------------------------------------------------- unmount

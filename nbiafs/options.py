@@ -247,9 +247,10 @@ OPTIONS: tuple[Option, ...] = (
          "path", "cache", metavar="DIR", shown_default="~/.cache/nbiafs"),
     _opt("cache_size", 10 * 1024**3, "bound of the instance cache, e.g. 500M, 20G, 1.5T (least recently used evicted)",
          "10 GiB holds a few hundred typical CT series and fits most laptops", "size", "cache", metavar="SIZE"),
-    _opt("metadata_ttl", 24 * 3600.0, "how long listings are kept in memory before they are asked again",
-         "published TCIA data does not change; collections gain series rarely", "duration", "cache",
-         metavar="SECONDS"),
+    _opt("metadata_ttl", 24 * 3600.0, "how long collection, patient and study listings are kept (in memory and on "
+         "disk) before they are asked again; a series' files are kept for good",
+         "collections gain patients and series; a published series never changes (nbiafs refresh asks at once)",
+         "duration", "cache", metavar="SECONDS"),
     _opt("offline", False, "serve only what is cached; never call the server",
          "read cached data on a plane or while the server is down", "bool", "cache"),
     # -- what part of the archive -------------------------------------------------------------------

@@ -275,7 +275,7 @@ def test_enospc_while_writing_keeps_serving_from_memory(meta, monkeypatch):
 
 
 def _records_in_memory(cache: MetadataCache) -> int:
-    return sum(len(v) for v in cache._memory.values())
+    return sum(len(entry[1]) for entry in cache._memory.values())
 
 
 def test_memory_is_bounded_by_records_not_only_by_listings():
