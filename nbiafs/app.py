@@ -87,7 +87,7 @@ def make_client(settings: Settings, password: str = "") -> tuple[TokenManager | 
                               timeout=settings.timeouts)
     client = NbiaClient(settings.base_url, tokens, api=settings.api, timeout=settings.timeouts,
                         retries=settings.retries, backoff=settings.backoff, deadline=settings.deadline,
-                        pool_size=settings.workers + 4)
+                        pool_size=settings.workers + 4, connections=settings.connections)
     return tokens, client
 
 
@@ -117,16 +117,13 @@ def build_layers(settings: Settings, password: str = "") -> Layers:
     files = None
     if settings.metadata_files:
         files = MetaFiles(catalog, client, meta, stats=lambda: store_counters(store),
-                          md5_of=getattr(store, "md5_of", None), datacite_url=settings.datacite_url or None)
+                          md5_of=store.md5_of, datacite_url=settings.datacite_url or None)
     return Layers(settings, tokens, client, meta, catalog, store, walker, files)
 
 
 def store_counters(store: InstanceStore) -> dict[str, object]:
     """What ``.nbiafs/stats.json`` shows: the store's counters."""
-    stats = store.stats()
-    if dataclasses.is_dataclass(stats) and not isinstance(stats, type):
-        return dataclasses.asdict(stats)
-    return dict(stats)  # type: ignore[call-overload]
+    return dataclasses.asdict(store.stats())
 
 
 __all__ = ["Layers", "build_layers", "make_client", "GUEST_USER"]

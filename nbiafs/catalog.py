@@ -220,6 +220,8 @@ class Catalog:
         self._drilled: cachetools.TTLCache[str, list[Instance]] = cachetools.TTLCache(
             DRILLED_MAX_RECORDS, DRILLED_TTL, getsizeof=lambda found: len(found) + 1)
         self._drill_flights: dict[str, Flight[None]] = {}
+        self._series_files: cachetools.LRUCache[str, tuple[dict[str, Node], tuple[Node, ...]]] = \
+            cachetools.LRUCache(1024)
         self._wait_timeout = DRILL_WAIT
         self._drill_works = False  # a drill-down answered with instances lately (listing a series is cheap)
         self._lock = threading.Lock()  # guards _listings, _drilled and _drill_flights
@@ -240,6 +242,20 @@ class Catalog:
     def children(self, path: str) -> list[Node]:
         """The entries of the directory at ``path``, sorted by name."""
         return self.children_of(self.lookup(path))
+
+    def series_files(self, node: Node) -> tuple[Node, ...]:
+        """The instance files of ``node``'s series, in name (reading) order: the same tuple for as long as
+        the listing is kept, so the store computes positions in it once, not on every open."""
+        parent = self.lookup(node.path.rsplit("/", 1)[0] or "/") if node.kind == "instance" else node
+        listing = self._listing(parent)
+        with self._lock:
+            known = self._series_files.get(parent.path)
+            if known is not None and known[0] is listing:
+                return known[1]
+        files = tuple(n for n in listing.values() if n.kind == "instance")
+        with self._lock:
+            self._series_files[parent.path] = (listing, files)
+        return files
 
     @property
     def series_listing_is_cheap(self) -> bool:

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 import requests
 import stream_unzip
+import urllib3
 
 from . import parse
 from .auth import TokenManager
@@ -107,6 +108,7 @@ class NbiaClient:
                  timeout: tuple[float, float] = (default("connect_timeout"), default("read_timeout")),
                  retries: int = default("retries"), backoff: float = default("backoff"),
                  deadline: float = default("deadline"), pool_size: int = default("workers"),
+                 connections: int | None = default("connections"),
                  clock: Callable[[], float] = time.monotonic) -> None:
         if api not in API_MODES:
             raise ConfigError(f"unknown API {api!r}: use auto, v2 or v4")
@@ -114,10 +116,11 @@ class NbiaClient:
         self.api = api
         self.deadline = deadline
         self._own_session = session is None
-        self.session = session if session is not None else make_session(pool_size)
+        self.session = session if session is not None else make_session(max(pool_size, connections or 0) + 2)
         self._closed = threading.Event()
         self._transport = Transport(self.session, policy=RetryPolicy(retries, backoff, deadline),
-                                    timeout=timeout, clock=clock, closed=self._closed)
+                                    timeout=timeout, clock=clock, closed=self._closed,
+                                    max_connections=connections)
         self._own_tokens = tokens is None
         self._tokens_lock = threading.Lock()
         self._tokens = tokens
@@ -347,6 +350,25 @@ class NbiaClient:
                           status_errors={500: lambda r: RemoteNotFoundError(
                               f"{what}: the server did not deliver this instance (500)")})
 
+    def open_single_image(self, series_uid: str, sop_uid: str) -> ImageStream:
+        """``getSingleImage`` as a stream: the answer's length (when it says) and its body, chunk by chunk.
+
+        Errors before the body (refused, 5xx after retries, the 500 of an undelivered instance) are
+        raised here, within the call's deadline. The body then arrives at its own pace: each read waits
+        at most the read timeout for bytes (a stall is an error, however long the whole transfer
+        takes). Close it (or use it as a context manager): it holds one of the server's connections.
+        """
+        what = f"getSingleImage for instance {sop_uid} of series {series_uid}"
+
+        def handle(response: requests.Response) -> ImageStream:
+            return ImageStream(response, what, self._transport.timeout[1])
+
+        return self._call("GET", self._search_url("getSingleImage"), "getSingleImage", what, handle,
+                          authed=self.search_uses_token, stream=True,
+                          params={"SeriesInstanceUID": series_uid, "SOPInstanceUID": sop_uid},
+                          status_errors={500: lambda r: RemoteNotFoundError(
+                              f"{what}: the server did not deliver this instance (500)")})
+
     def image_zip(self, series_uid: str, *, new_file_names: bool = False, include_md5: bool = False,
                   expected_count: int | None = None) -> Iterator[tuple[ZipMember, Iterator[bytes]]]:
         """The series as a streamed zip: yields ``(member, chunks)`` as members arrive.
@@ -513,6 +535,58 @@ def drill_down(client: Any, series_uids: Sequence[str]) -> DrillDown | None:
             log.warning("%s drill-down returned %d instances of series not asked for; ignored", route, strays)
         return DrillDown(route, by_series)
     return None
+
+
+class ImageStream:
+    """The body of one streamed answer (see :meth:`NbiaClient.open_single_image`)."""
+
+    def __init__(self, response: requests.Response, what: str, stall_timeout: float) -> None:
+        self._response = response
+        self.what = what
+        announced = response.headers.get("Content-Length")
+        encoded = bool(response.headers.get("Content-Encoding"))
+        self.length: int | None = int(announced) if announced and announced.strip().isdigit() and not encoded else None
+        # The socket's timeout was capped by the call's deadline for the headers; from here on it is the
+        # stall timeout alone: a big body may take long, as long as bytes keep coming.
+        sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+        if sock is not None:
+            try:
+                sock.settimeout(stall_timeout)
+            except OSError:
+                pass
+        self.stall_timeout = stall_timeout
+
+    def chunks(self, size: int = 256 * 1024) -> Iterator[bytes]:
+        """The body, as it arrives. ProtocolError when it breaks off or ends short of its Content-Length
+        (worth another attempt); ServerError when no byte came for the read timeout (a stall)."""
+        raw = self._response.raw
+        received = 0
+        try:
+            while True:
+                chunk = raw.read1(size, decode_content=True)
+                if not chunk:
+                    break
+                received += len(chunk)
+                yield chunk
+        except urllib3.exceptions.ReadTimeoutError:
+            raise ServerError(f"{self.what}: no byte for {self.stall_timeout:g} s after {received} bytes "
+                              "(the transfer stalled)") from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ProtocolError(f"{self.what}: the answer broke off after {received} bytes "
+                                f"({type(exc).__name__})") from None
+        if self.length is not None and received != self.length:
+            raise ProtocolError(f"{self.what}: {received} bytes, the server announced {self.length}")
+        if received == 0:
+            raise ProtocolError(f"{self.what}: empty body")
+
+    def close(self) -> None:
+        self._response.close()
+
+    def __enter__(self) -> ImageStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class _ZipStream(Iterator[tuple[ZipMember, Iterator[bytes]]]):

@@ -82,6 +82,7 @@ class Settings:
     drilldown: bool = _d("drilldown")
     datacite_url: str = _d("datacite_url")
     workers: int = _d("workers")
+    connections: int = _d("connections")
     connect_timeout: float = _d("connect_timeout")
     read_timeout: float = _d("read_timeout")
     retries: int = _d("retries")

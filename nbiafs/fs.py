@@ -291,12 +291,11 @@ class NbiaFS(fuse.Operations):
         return 0
 
     def _prefetch_series_of(self, node: Any) -> None:
-        """Tell the store's prefetch policy that ``node`` was opened (it decides what to fetch)."""
+        """Tell the store's read-ahead policy that ``node`` was opened (it decides what to fetch)."""
         try:
-            siblings = self.catalog.children(node.path.rsplit("/", 1)[0] or "/")
-            self.store.on_open(node, [n for n in siblings if n.kind == "instance"])
-        except Exception:  # prefetch is an optimisation: never fail the open for it
-            log.warning("could not schedule the prefetch of series %s", node.series_uid, exc_info=True)
+            self.store.on_open(node, self.catalog.series_files(node))
+        except Exception:  # read-ahead is an optimisation: never fail the open for it
+            log.warning("could not plan the read-ahead of series %s", node.series_uid, exc_info=True)
 
     def invalidate(self, path: str) -> None:
         """Make the kernel forget its cached attributes and pages of ``path`` (any thread but a request's

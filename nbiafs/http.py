@@ -11,6 +11,10 @@ What it owns:
 - a DEBUG log line per request (endpoint, params, status, ms). Headers are never logged, so the
   bearer token never reaches a log.
 
+At most ``max_connections`` requests to the server are open at once (the TCIA data-retriever's
+politeness: 8 per host); waiting for a free one counts against the call's deadline. A streamed
+answer keeps its connection until the caller closes it.
+
 Backoff waits on the ``closed`` event, so closing the client interrupts a waiting call at once; and
 the session made by :func:`make_session` remembers its sockets, so :meth:`Transport.close` also cuts
 the transfers in flight (a worker blocked in ``recv`` on a stalled server returns at once: unmount
@@ -240,8 +244,11 @@ class Transport:
                  timeout: tuple[float, float] = (10.0, 60.0),
                  clock: Callable[[], float] = time.monotonic,
                  closed: threading.Event | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 max_connections: int | None = None) -> None:
         self.session = session
+        self.max_connections = max_connections
+        self._gate = threading.BoundedSemaphore(max_connections) if max_connections else None
         self.policy = policy
         self.timeout = timeout
         self.clock = clock
@@ -298,6 +305,10 @@ class Transport:
                 if deadline.expired:
                     raise ServerError(f"{what}: no answer within the {policy.deadline:g} s deadline "
                                       "(getting a token took it all)")
+            if self._gate is not None and not self._gate.acquire(timeout=deadline.remaining()):
+                raise ServerError(f"{what}: no free connection to the server within the {policy.deadline:g} s "
+                                  f"deadline (at most {self.max_connections} at once)")
+            gated = self._gate is not None
             remaining = deadline.remaining()
             timeout = (min(self.timeout[0], remaining), min(self.timeout[1], remaining))
             started = self.clock()
@@ -308,6 +319,7 @@ class Transport:
                                                 timeout=timeout, stream=True)
                 if not stream:
                     read_body_before(response, deadline, self.closed)
+                    gated = self._ungate(gated)
             except ClosedError:
                 raise ServerError(f"{what}: the client was closed") from None
             except BodyDeadlineError:
@@ -328,6 +340,9 @@ class Transport:
                 ok = accept(response) if accept is not None else 200 <= status < 300
                 if ok:
                     try:
+                        if stream and gated:  # the connection is the caller's until it closes the answer
+                            self._ungate_on_close(response)
+                            gated = False
                         return handle(response)
                     except Retryable as exc:
                         response.close()
@@ -355,6 +370,8 @@ class Transport:
                         wait_hint = retry_after_seconds(response.headers.get("Retry-After"))
                     elif status < 500:
                         raise failure
+            finally:
+                gated = self._ungate(gated)
             attempt += 1
             if attempt > policy.retries:
                 raise failure
@@ -367,6 +384,34 @@ class Transport:
             log.debug("%s: attempt %d failed (%s); retrying in %.2f s", endpoint, attempt, failure, delay)
             if self.closed.wait(delay):
                 raise ServerError(f"{what}: the client was closed")
+
+    def _ungate(self, gated: bool) -> bool:
+        if gated and self._gate is not None:
+            self._gate.release()
+        return False
+
+    def _ungate_on_close(self, response: requests.Response) -> None:
+        """Give the connection back when ``response`` is closed (or, at the latest, garbage collected)."""
+        gate = self._gate
+        if gate is None:
+            return
+        done = threading.Event()
+
+        def release() -> None:
+            if not done.is_set():
+                done.set()
+                gate.release()
+
+        original = response.close
+
+        def close() -> None:
+            try:
+                original()
+            finally:
+                release()
+
+        response.close = close  # type: ignore[method-assign]
+        weakref.finalize(response, release)
 
     def close(self) -> None:
         """Stop every call: waiting ones at once, transfers in flight by cutting their sockets."""

@@ -224,9 +224,12 @@ OPTIONS: tuple[Option, ...] = (
     _opt("datacite_url", "https://api.datacite.org", "DataCite REST API, for how to cite a collection "
          "(.collection.json); empty: no citations", "TCIA's data usage policy asks users to cite every "
          "collection by its DOI, which DataCite registered", "str", "server", metavar="URL"),
-    _opt("workers", 8, "parallel downloads (also bounds the HTTP connections to the server)",
-         "the TCIA Data Retriever uses 8 connections per host: faster than one, polite to a shared server",
-         "int", "server", metavar="N", minimum=1, maximum=256),
+    _opt("workers", 8, "parallel downloads ahead of readers (read-ahead, prefetch, download)",
+         "enough to keep the connections busy while each waits its round trip", "int", "server", metavar="N",
+         minimum=1, maximum=256),
+    _opt("connections", 8, "at most this many requests to the server at once",
+         "the TCIA Data Retriever's politeness: 8 connections per host; more rarely helps and burdens a shared "
+         "server", "int", "server", metavar="N", minimum=1, maximum=64),
     _opt("connect_timeout", 10.0, "seconds to connect to the server", "a dead host fails fast instead of hanging a reader",
          "duration", "server", metavar="SECONDS"),
     _opt("read_timeout", 60.0, "seconds without a byte from the server before a request fails",

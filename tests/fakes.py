@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nbiafs.client import drill_down
-from nbiafs.errors import RemoteNotFoundError, ServerError
+from nbiafs.errors import ProtocolError, RemoteNotFoundError, ServerError
 from nbiafs.records import (
     Collection,
     CollectionDescription,
@@ -165,6 +165,51 @@ class _Failure:
     match: Callable[..., bool] | None
 
 
+@dataclass
+class BodyPlan:
+    """How a streamed body misbehaves (see FakeNbiaClient.hold_body)."""
+
+    after: int
+    release: threading.Event
+    fail: BaseException | None = None
+    announce: int | None = None
+    reached: threading.Event = field(default_factory=threading.Event)
+
+
+class FakeStream:
+    """A streamed getSingleImage answer: ``length`` and ``chunks()``, like nbiafs.client.ImageStream."""
+
+    def __init__(self, data: bytes, plan: BodyPlan | None = None, chunk: int = 16 * 1024) -> None:
+        self._data = data
+        self._plan = plan
+        self._chunk = chunk
+        self.length: int | None = len(data) if plan is None or plan.announce is None else plan.announce
+        self.closed = False
+
+    def chunks(self) -> Iterator[bytes]:
+        sent = 0
+        held = False
+        while sent < len(self._data):
+            if self._plan is not None and sent >= self._plan.after and not held:
+                held = True
+                self._plan.reached.set()
+                if not self._plan.release.wait(10.0):
+                    raise ServerError("fake body held too long")
+                if self._plan.fail is not None:
+                    raise self._plan.fail
+            step = self._chunk
+            if self._plan is not None and sent < self._plan.after:
+                step = min(step, self._plan.after - sent)
+            piece = self._data[sent:sent + step]
+            sent += len(piece)
+            yield piece
+        if self.length is not None and sent != self.length:
+            raise ProtocolError(f"fake body: {sent} bytes, {self.length} announced")
+
+    def close(self) -> None:
+        self.closed = True
+
+
 class FakeNbiaClient:
     """Answers the NbiaClient contract from a FakeArchive; counts calls; injects errors and holds."""
 
@@ -180,6 +225,7 @@ class FakeNbiaClient:
         self._failures: dict[str, list[_Failure]] = {}
         self._gates: dict[str, list[Gate]] = {}
         self.absent_routes: set[str] = set()
+        self._bodies: dict[str, BodyPlan] = {}
 
     # -- test controls ------------------------------------------------------------------------
     def fail(self, method: str, error: BaseException | type[BaseException] | Callable[[], BaseException],
@@ -281,6 +327,25 @@ class FakeNbiaClient:
     def updated_series(self, from_date: dt.date) -> list[Series]:
         self._enter("updated_series", from_date)
         return self._answer([s for s in self.archive.series if s.date is None or s.date >= from_date])
+
+    def open_single_image(self, series_uid: str, sop_uid: str) -> FakeStream:
+        """The streamed getSingleImage (counted, failed and gated as ``single_image``)."""
+        self._enter("single_image", series_uid, sop_uid, None)
+        if sop_uid not in self.archive.data or all(i.sop_uid != sop_uid for i in
+                                                   self.archive.instances_of(series_uid)):
+            raise RemoteNotFoundError(f"no instance {sop_uid} in series {series_uid}")
+        with self._lock:
+            plan = self._bodies.get(sop_uid)
+        return FakeStream(self.archive.data[sop_uid], plan)
+
+    def hold_body(self, sop_uid: str, after: int, *, fail: BaseException | None = None,
+                  announce: int | None = None) -> threading.Event:
+        """The next bodies of ``sop_uid`` stop after ``after`` bytes until the returned event is set (then
+        go on, or raise ``fail``); ``announce`` overrides the Content-Length they claim."""
+        release = threading.Event()
+        with self._lock:
+            self._bodies[sop_uid] = BodyPlan(after, release, fail, announce)
+        return release
 
     def single_image(self, series_uid: str, sop_uid: str, expected_size: int | None = None) -> bytes:
         self._enter("single_image", series_uid, sop_uid, expected_size)

@@ -590,11 +590,60 @@ def test_requests_logged_at_debug_without_password_or_token(rsps, caplog):
         assert secret not in caplog.text
 
 
-def test_session_pool_is_sized_to_pool_size():
-    client = NbiaClient(BASE, api="v4", pool_size=13)
+def test_session_pool_holds_the_workers_and_the_connections_are_bounded():
+    client = NbiaClient(BASE, api="v4", pool_size=13, connections=5)
     adapter = client.session.get_adapter("http://127.0.0.1:9/")
-    assert adapter._pool_maxsize == 13
+    assert adapter._pool_maxsize >= 13  # an idle connection for every worker: none is opened twice
+    assert client.transport.max_connections == 5
     client.close()
+
+
+def test_at_most_the_connection_bound_are_open_at_once_and_waiting_counts_against_the_deadline():
+    import http.server
+
+    inside = []
+    most = [0]
+    lock = threading.Lock()
+    release = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            with lock:
+                inside.append(1)
+                most[0] = max(most[0], len(inside))
+            release.wait(10)
+            body = b"[]"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            with lock:
+                inside.pop()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = LocalServer(Handler)
+    client = NbiaClient(server.url, api="v4", connections=3, retries=0, deadline=5, timeout=(2, 5))
+    try:
+        threads = [threading.Thread(target=client.collections, daemon=True) for _ in range(8)]
+        for t in threads:
+            t.start()
+        end = time.monotonic() + 5
+        while len(inside) < 3 and time.monotonic() < end:
+            threading.Event().wait(0.01)
+        threading.Event().wait(0.2)  # time for more to get in, were they allowed
+        assert most[0] == 3
+        release.set()
+        for t in threads:
+            t.join(10)
+        assert most[0] == 3
+    finally:
+        release.set()
+        client.close()
+        server.close()
 
 
 # -- against the project's emulator (real sockets, real zips) --------------------------------

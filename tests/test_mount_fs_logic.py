@@ -61,6 +61,9 @@ class FakeCatalog:
         return [n for p, n in NODES.items() if p != "/" and p.rsplit("/", 1)[0] == (path.rstrip("/"))
                 or (path == "/" and p.count("/") == 1 and p != "/")]
 
+    def series_files(self, node: N) -> tuple[N, ...]:
+        return tuple(n for n in self.children(node.path.rsplit("/", 1)[0]) if n.kind == "instance")
+
 
 @dataclass
 class FakeStore:

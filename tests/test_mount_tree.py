@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import ls, visible_walk, wait_until
+from conftest import ls, visible_walk
 
 pytestmark = pytest.mark.fuse
 
@@ -52,6 +52,7 @@ def retriever_name(*parts: object, uid: str) -> str:
 
 def test_tree_sizes_and_bytes_match_the_archive_in_the_descriptive_layout(emulator, archive, mounter) -> None:
     m = mounter(emulator)
+    emulator.reset_stats()  # the session's emulator: other tests' calls are not this mount's
     tree = walk(m.path)
     # every file's size is exact before anything was opened
     assert emulator.stats()["getSingleImage"] == 0
@@ -168,7 +169,10 @@ def test_remount_with_the_same_cache_needs_no_api_calls(emulator, mounter, tmp_p
     assert api_calls(emulator.stats()) == {}
 
 
-def test_prefetch_brings_the_rest_of_a_series_into_the_cache(emulator, mounter, tmp_path) -> None:
+def test_read_ahead_follows_a_reader_walking_a_series_and_the_cache_outlives_the_mount(
+        emulator, mounter, tmp_path) -> None:
+    import json
+
     cache = tmp_path / "prefetch-cache"
     m = mounter(emulator, cache_dir=cache)
     series = m.path / "Demo-Head-MR" / "DHM-0001"
@@ -177,9 +181,12 @@ def test_prefetch_brings_the_rest_of_a_series_into_the_cache(emulator, mounter, 
     names = ls(series)
     emulator.reset_stats()
     (series / names[0]).read_bytes()
-    # the remaining files arrive in the background; a remount then reads them with no API call
-    assert wait_until(lambda: emulator.stats()["getSingleImage"] >= len(names), timeout=30)
-    assert emulator.stats()["getSingleImage"] == len(names)
+    assert emulator.stats()["getSingleImage"] == 1  # the first open of a series fetches that file only
+    for name in names[1:]:  # a reader walking in order: the files ahead of it are fetched before it asks
+        (series / name).read_bytes()
+    assert emulator.stats()["getSingleImage"] == len(names)  # each once, read-ahead and opens together
+    stats = json.loads((m.path / ".nbiafs" / "stats.json").read_text())
+    assert stats["prefetches"] > 0 and stats["fetches"] == len(names)
     m.unmount()
     again = mounter(emulator, cache_dir=cache, extra=("--no-prefetch",))
     emulator.reset_stats()

@@ -1,11 +1,14 @@
-"""Tests of the instance store: cache hits without API calls, single flight, integrity, full disk, prefetch."""
+"""The instance store against a fake client: cache hits without calls or databases, one fetch per
+instance, streaming, integrity, crashes, full disks, read-ahead under a budget, and the bulk jobs."""
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -15,14 +18,15 @@ from pathlib import Path
 import pytest
 from fakes import FakeArchive, FakeNbiaClient, fake_dicom_bytes
 
-import nbiafs.store as store_mod
 from nbiafs.catalog import Node
-from nbiafs.errors import OfflineError, ServerError
+from nbiafs.errors import CacheFullError, NbiaError, OfflineError, RemoteNotFoundError, ServerError, errno_for
 from nbiafs.store import InstanceStore
+from nbiafs.store.download import MEMORY_LIMIT
+from nbiafs.store.index import CacheIndex
 
-WAIT = 10.0  # seconds any test waits for an event before failing (never reached when things work)
+WAIT = 10.0  # seconds a test waits for an event before failing (never reached when things work)
 SERIES = "1.2.826.0.1.3680043.9.7.1.1.1.1"
-N_INSTANCES = 400
+N_INSTANCES = 200
 
 
 def build_store_archive() -> FakeArchive:
@@ -38,65 +42,28 @@ def build_store_archive() -> FakeArchive:
 
 
 def node(i: int, size: int | None = None) -> Node:
-    """The catalog node of instance ``i`` (of exact size ``size``, default 5000 as in the archive)."""
     sop = f"{SERIES}.{i}"
     return Node("instance", f"/Coll-1/P1/s/1-{i:03d}.dcm", ino=1000 + i, mtime=0.0,
                 size=5000 if size is None else size, collection="Coll-1", patient_id="P1",
                 series_uid=SERIES, sop_uid=sop, instance_number=i + 1)
 
 
+SIBLINGS = tuple(node(i) for i in range(N_INSTANCES))
+
+
 def sized(client: FakeNbiaClient, i: int, size: int) -> Node:
-    """Instance ``i`` made ``size`` bytes long on the fake server, and its node."""
     n = node(i, size)
     client.archive.data[n.sop_uid] = fake_dicom_bytes(n.sop_uid, size)
     return n
 
 
 def fetches(client: FakeNbiaClient, n: Node | None = None) -> int:
-    """single_image calls made (for ``n`` only, when given)."""
     return sum(1 for method, args in list(client.call_log)
                if method == "single_image" and (n is None or args[1] == n.sop_uid))
 
 
-def hold(client: FakeNbiaClient, n: Node):
-    """A gate holding every fetch of ``n`` until released."""
-    return client.gate("single_image", match=lambda series, sop, size: sop == n.sop_uid)
-
-
 def body(client: FakeNbiaClient, n: Node) -> bytes:
     return client.archive.data[n.sop_uid]
-
-
-class Waiters:
-    """Counts threads waiting on a single-flight fetch (installed by the ``waiters`` fixture)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.cond = threading.Condition()
-
-    def wait_for(self, n: int) -> None:
-        with self.cond:
-            assert self.cond.wait_for(lambda: self.count >= n, WAIT), f"only {self.count} waiters"
-
-
-@pytest.fixture
-def waiters(monkeypatch: pytest.MonkeyPatch) -> Waiters:
-    w = Waiters()
-
-    class CountingEvent(threading.Event):
-        def wait(self, timeout: float | None = None) -> bool:
-            with w.cond:
-                w.count += 1
-                w.cond.notify_all()
-            return super().wait(timeout)
-
-    class CountingFlight(store_mod.Flight):
-        def __init__(self) -> None:
-            super().__init__()
-            self.done = CountingEvent()
-
-    monkeypatch.setattr(store_mod, "Flight", CountingFlight)
-    return w
 
 
 @pytest.fixture
@@ -112,23 +79,38 @@ def make_store(tmp_path: Path, client: FakeNbiaClient):
         kw.setdefault("size_limit", 50 * 1024**2)
         kw.setdefault("namespace", "http://emu|nbia_guest")
         kw.setdefault("workers", 2)
+        start = kw.pop("start", True)
         s = InstanceStore(kw.pop("client", client), kw.pop("cache_dir", tmp_path), **kw)
+        if start:
+            s.start()
         stores.append(s)
         return s
 
     yield make
     for s in stores:
         s.close()
-    leftover = [t.name for t in threading.enumerate() if t.name.startswith("nbiafs-prefetch")]
+    leftover = [t.name for t in threading.enumerate() if t.name.startswith("nbiafs-prefetch") and t.is_alive()]
     assert not leftover, f"threads left running: {leftover}"
 
 
 def read_all(store: InstanceStore, n: Node) -> bytes:
+    """The whole file through a handle; returns once the fetch (if any) has settled in the index."""
     h = store.open(n)
     try:
-        return store.read(h, n.size + 100, 0)
+        return store.read(h, store.size(h) + 100, 0)
     finally:
         store.release(h)
+        store.wait_fetched(WAIT, n)
+
+
+def wait_for(condition, timeout: float = WAIT) -> bool:
+    end = threading.Event()
+    deadline = __import__("time").monotonic() + timeout
+    while not condition():
+        if __import__("time").monotonic() > deadline:
+            return False
+        end.wait(0.01)
+    return True
 
 
 def in_thread(target, *args) -> tuple[threading.Thread, dict]:
@@ -145,194 +127,212 @@ def in_thread(target, *args) -> tuple[threading.Thread, dict]:
     return t, out
 
 
-def fresh_client() -> FakeNbiaClient:
-    return FakeNbiaClient(build_store_archive())
-
-
 # ------------------------------------------------------------------ cache hits
-
-
-def test_cached_instance_is_read_with_zero_api_calls(make_store, client):
+def test_a_cached_instance_is_read_with_no_call_and_no_database(make_store, client, monkeypatch):
     store = make_store()
-    n = node(1)
+    n = node(3)
     assert read_all(store, n) == body(client, n)
-    assert client.total_calls() == 1
-    for _ in range(3):
-        assert read_all(store, n) == body(client, n)
-    assert client.total_calls() == 1
-    st = store.stats()
-    assert (st.hits, st.misses, st.fetches, st.bytes_fetched) == (3, 1, 1, n.size)
-    assert store.contains(n)
+    connects = []
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: connects.append(a))
+    for _ in range(20):  # each open from a brand-new thread, as from libfuse's native threads
+        t, out = in_thread(read_all, store, n)
+        t.join(WAIT)
+        assert out["value"] == body(client, n)
+    assert fetches(client, n) == 1 and connects == []
+    assert store.stats().hits == 20
 
 
-def test_restart_with_same_cache_dir_makes_zero_api_calls(make_store, client):
+def test_a_restart_with_the_same_cache_dir_makes_no_call(make_store, client, tmp_path):
     first = make_store()
-    nodes = [node(i) for i in range(5)]
-    for n in nodes:
-        read_all(first, n)
+    for i in range(5):
+        read_all(first, node(i))
     first.close()
-    fresh = fresh_client()
+    fresh = FakeNbiaClient(build_store_archive())
     second = make_store(client=fresh)
-    for n in nodes:
-        assert read_all(second, n) == body(client, n)
-    assert fresh.total_calls() == 0
+    for i in range(5):
+        assert read_all(second, node(i)) == body(client, node(i))
+    assert fresh.calls["single_image"] == 0
 
 
 def test_namespaces_do_not_share_instances(make_store, client):
-    named = make_store(namespace="http://emu|alice")
     guest = make_store(namespace="http://emu|nbia_guest")
-    n = node(1)
-    read_all(named, n)
-    assert not guest.contains(n)
-    read_all(guest, n)
-    assert fetches(client, n) == 2
+    named = make_store(namespace="http://emu|alice")
+    read_all(guest, node(1))
+    assert not named.contains(node(1))
+    read_all(named, node(1))
+    assert fetches(client, node(1)) == 2
 
 
-# ------------------------------------------------------------------ single flight
-
-
-def test_sixteen_concurrent_openers_cause_one_fetch(make_store, client, waiters):
+def test_the_cache_is_plain_files_renamed_into_place(make_store, client, tmp_path):
     store = make_store()
-    n = sized(client, 7, 300_000)
-    gate = hold(client, n)
-    barrier = threading.Barrier(16)
+    read_all(store, node(2))
+    path = store.cached_path(node(2))
+    assert path is not None and path.read_bytes() == body(client, node(2))
+    assert not list(tmp_path.rglob("*.part.*"))
 
-    def opener() -> bytes:
-        barrier.wait(WAIT)
-        return read_all(store, n)
 
-    runs = [in_thread(opener) for _ in range(16)]
+# ------------------------------------------------------------------ one fetch per instance
+def test_sixteen_concurrent_openers_cause_one_fetch(make_store, client):
+    store = make_store()
+    n = node(7)
+    gate = client.gate("single_image", match=lambda series, sop, size: sop == n.sop_uid)
+    threads = [in_thread(read_all, store, n) for _ in range(16)]
     assert gate.wait_entered(1)
-    waiters.wait_for(15)  # every other opener is parked on the one fetch
     gate.release()
-    for t, out in runs:
+    for t, out in threads:
         t.join(WAIT)
         assert out.get("value") == body(client, n), out.get("error")
     assert fetches(client, n) == 1
-    assert store.stats().joined == 15
 
 
-def test_concurrent_openers_share_the_error_and_it_is_not_cached(make_store, client, waiters):
+def test_concurrent_openers_share_the_error_and_it_is_not_cached(make_store, client):
     store = make_store()
     n = node(8)
-    gate = hold(client, n)
-    client.fail("single_image", ServerError("503 after retries"), times=1)
-    runs = [in_thread(read_all, store, n) for _ in range(4)]
+    client.fail("single_image", RemoteNotFoundError("500"), times=1)
+    gate = client.gate("single_image", match=lambda series, sop, size: sop == n.sop_uid)
+    threads = [in_thread(read_all, store, n) for _ in range(4)]
     assert gate.wait_entered(1)
-    waiters.wait_for(3)
+    assert wait_for(lambda: store.stats().joined == 3)  # the other three wait for that fetch
     gate.release()
-    for t, out in runs:
+    for t, out in threads:
         t.join(WAIT)
-        assert isinstance(out.get("error"), ServerError)
+        assert isinstance(out.get("error"), RemoteNotFoundError)
     assert fetches(client, n) == 1
-    assert not store.contains(n)
-    assert read_all(store, n) == body(client, n)  # the next open tries again
-    assert fetches(client, n) == 2
+    assert read_all(store, n) == body(client, n)  # the error was not remembered
 
 
-def test_waiting_for_a_stuck_fetch_is_bounded(make_store, client):
-    store = make_store(wait_timeout=0.2)
-    n = node(9)
-    gate = hold(client, n)
-    leader, out = in_thread(read_all, store, n)
-    assert gate.wait_entered(1)
-    with pytest.raises(ServerError, match="gave up waiting"):
-        store.open(n)
-    gate.release()
-    leader.join(WAIT)
-    assert out["value"] == body(client, n)
-
-
-def test_slow_fetch_does_not_block_another_file(make_store, client):
+def test_a_slow_fetch_does_not_block_another_file(make_store, client):
     store = make_store()
-    slow, fast = node(1), node(2)
-    gate = hold(client, slow)
+    slow, fast = node(10), node(11)
+    gate = client.gate("single_image", match=lambda series, sop, size: sop == slow.sop_uid)
     t, out = in_thread(read_all, store, slow)
     assert gate.wait_entered(1)
     assert read_all(store, fast) == body(client, fast)
-    assert t.is_alive()
     gate.release()
     t.join(WAIT)
     assert out["value"] == body(client, slow)
 
 
-# ------------------------------------------------------------------ integrity
-
-
-def test_a_complete_body_of_another_length_is_kept_served_whole_and_reported_once(tmp_path, client):
-    # The client returns only bodies complete by their own Content-Length: a length other than the
-    # metadata's means the metadata was wrong. Fetching again would give the same bytes, again and again.
-    from nbiafs.store import InstanceStore
-
-    reported = []
-    store = InstanceStore(client, tmp_path / "c", size_limit=50 * 1024**2, namespace="ns", workers=0,
-                          on_size_mismatch=lambda ref, true_size: reported.append((ref.sop_uid, true_size)))
-    try:
-        n = node(3)
-        true = body(client, n)[:-10]
-        client.archive.data[n.sop_uid] = true
-        handle = store.open(n)
-        assert store.size(handle) == len(true) and store.read(handle, 1 << 20, 0) == true
-        store.release(handle)
-        assert reported == [(n.sop_uid, len(true))]
-        corrected = node(3, size=len(true))  # what the catalog shows from now on
-        assert read_all(store, corrected) == true
-        assert fetches(client, n) == 1 and store.stats().size_mismatches == 1
-    finally:
-        store.close()
-
-
-def test_truncated_cache_file_is_dropped_and_refetched(make_store, client):
+# ------------------------------------------------------------------ streaming
+def test_open_returns_with_the_first_bytes_and_a_read_waits_only_for_its_offset(make_store, client):
     store = make_store()
-    n = node(4)
+    n = sized(client, 12, 3_000_000)
+    release = client.hold_body(n.sop_uid, after=1_000_000)
+    h = store.open(n)  # returns although 2 MB are still to come
+    assert store.read(h, 4096, 0) == body(client, n)[:4096]
+    assert store.read(h, 4096, 900_000) == body(client, n)[900_000:904_096]
+    t, out = in_thread(store.read, h, 4096, 2_000_000)  # beyond what arrived: waits
+    t.join(0.2)
+    assert t.is_alive()
+    release.set()
+    t.join(WAIT)
+    assert out["value"] == body(client, n)[2_000_000:2_004_096]
+    assert store.read(h, 10_000_000, 0) == body(client, n)
+    store.release(h)
+    assert store.cached_path(n) is not None  # complete: renamed into place
+    assert read_all(store, n) == body(client, n) and fetches(client, n) == 1
+
+
+def test_a_transfer_that_stalls_fails_the_read_and_leaves_nothing_in_the_cache(make_store, client):
+    store = make_store()
+    n = sized(client, 13, 1_000_000)
+    release = client.hold_body(n.sop_uid, after=100_000, fail=ServerError("no byte for 60 s (the transfer stalled)"))
+    h = store.open(n)
+    assert store.read(h, 1000, 0) == body(client, n)[:1000]
+    release.set()
+    with pytest.raises(ServerError, match="stalled"):
+        store.read(h, 1000, 500_000)
+    store.release(h)
+    assert store.cached_path(n) is None
+
+
+def test_memory_stays_bounded_however_big_the_instance(make_store, client):
+    import tracemalloc
+
+    store = make_store()
+    n = sized(client, 14, 40_000_000)
+    tracemalloc.start()
+    try:
+        h = store.open(n)
+        digest = hashlib.md5()
+        offset = 0
+        while chunk := store.read(h, 1 << 20, offset):
+            digest.update(chunk)
+            offset += len(chunk)
+        store.release(h)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert digest.hexdigest() == hashlib.md5(body(client, n)).hexdigest()
+    client.archive.data.clear()  # what the fake holds is not the store's
+    assert peak < 45_000_000 + 8 * 1024 * 1024  # the fake's own 40 MB body + a few read buffers
+
+
+# ------------------------------------------------------------------ integrity and crashes
+def test_a_complete_body_of_another_length_is_kept_served_whole_and_reported_once(make_store, client):
+    reported = []
+    store = make_store(on_size_mismatch=lambda ref, size: reported.append((ref.sop_uid, size)))
+    n = node(15)
+    true = body(client, n)[:-10]
+    client.archive.data[n.sop_uid] = true
+    h = store.open(n)
+    assert store.size(h) == len(true) and store.read(h, 1 << 20, 0) == true
+    store.release(h)
+    assert read_all(store, n) == true  # the stale node again: still the true bytes, no refetch
+    assert reported == [(n.sop_uid, len(true))] and fetches(client, n) == 1
+
+
+def test_a_body_shorter_than_its_content_length_is_never_cached(make_store, client):
+    store = make_store()
+    n = node(16)
+    client.hold_body(n.sop_uid, after=10**9, announce=6000).set()  # claims 6000, sends 5000
+    with pytest.raises(NbiaError):
+        read_all(store, n)
+    assert store.cached_path(n) is None
+
+
+def test_a_truncated_cached_file_is_dropped_and_fetched_again(make_store, client):
+    store = make_store()
+    n = node(17)
     read_all(store, n)
-    with store._cache.get(store._key(n), read=True) as f:
-        path = f.name
+    path = store.cached_path(n)
+    assert path is not None
     os.truncate(path, 100)
     assert read_all(store, n) == body(client, n)
-    assert fetches(client, n) == 2
-    assert store.stats().corrupt_dropped == 1
-    assert read_all(store, n) == body(client, n)
-    assert fetches(client, n) == 2
-
-
-def test_cached_value_of_another_size_than_the_node_is_not_served(make_store, client):
-    store = make_store()
-    read_all(store, node(5))
-    bigger = sized(client, 5, 6000)  # the catalog now knows another exact size: the cached bytes are wrong
-    assert read_all(store, bigger) == body(client, bigger)
-    assert fetches(client, bigger) == 2
+    assert fetches(client, n) == 2 and store.stats().corrupt_dropped == 1
 
 
 _KILLED_WRITER = textwrap.dedent(
     """
     import sys
+    sys.path.insert(0, sys.argv[4])
     from pathlib import Path
+    from fakes import FakeNbiaClient, FakeArchive, BodyPlan
     from nbiafs.store import InstanceStore
+    import threading
 
-    class Reader:  # hands diskcache one large chunk, then blocks as a slow download would
-        calls = 0
-        def read(self, n):
-            Reader.calls += 1
-            if Reader.calls == 1:
-                return b"x" * 200_000
-            print("written", flush=True)
-            sys.stdin.read()  # never returns: the parent kills us here
-            return b""
-
-    store = InstanceStore(None, Path(sys.argv[1]), size_limit=10**8, namespace="ns")
+    archive = FakeArchive()
+    archive.add_collection("C"); archive.add_patient("C", "P")
+    study = archive.add_study("C", "P", "1.2")
+    series = archive.add_series(study, sys.argv[2], number=1)
+    archive.add_instance(series, sys.argv[3], number=1, size=400_000)
+    client = FakeNbiaClient(archive)
+    client.hold_body(sys.argv[3], after=200_000)  # never released: the parent kills us here
+    store = InstanceStore(client, Path(sys.argv[1]), size_limit=10**8, namespace="ns")
     node = type("N", (), {"series_uid": sys.argv[2], "sop_uid": sys.argv[3], "size": 400_000})()
-    store._cache.set(store._key(node), Reader(), read=True, tag=400_000)
+    handle = store.open(node)
+    plan = client._bodies[sys.argv[3]]
+    plan.reached.wait(10)
+    print("written", flush=True)
+    sys.stdin.read()
     """
 )
 
 
-def test_kill_9_during_a_cache_write_never_leaves_a_servable_value(make_store, client, tmp_path):
-    n = sized(client, 6, 400_000)
-    child = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_WRITER, str(tmp_path), n.series_uid, n.sop_uid],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-    )
+def test_kill_9_mid_fetch_never_leaves_a_file_that_looks_complete(make_store, client, tmp_path):
+    n = sized(client, 18, 400_000)
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(tmp_path), n.series_uid, n.sop_uid,
+                              str(Path(__file__).parent)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert child.stdout.readline() == b"written\n"
     finally:
@@ -340,366 +340,293 @@ def test_kill_9_during_a_cache_write_never_leaves_a_servable_value(make_store, c
         child.wait(WAIT)
         child.stdin.close()
         child.stdout.close()
-    partial = [p for p in (tmp_path / "instances").rglob("*.val") if p.stat().st_size == 200_000]
-    assert partial, "the child should have left a partial value file"
+    parts = list(tmp_path.rglob("*.part.*"))
+    assert parts and parts[0].stat().st_size == 200_000  # what the killed process had written
     store = make_store(namespace="ns")
     assert not store.contains(n)
-    assert read_all(store, n) == body(client, n)
-    assert fetches(client, n) == 1
+    assert read_all(store, n) == body(client, n) and fetches(client, n) == 1
+    store._index.scan()
+    assert not list(tmp_path.rglob("*.part.*"))  # the dead process's part file was removed
+
+
+def test_a_file_removed_by_another_process_is_fetched_again(make_store, client):
+    store = make_store()
+    n = node(19)
+    read_all(store, n)
+    assert store.wait_fetched(WAIT)
+    path = store.cached_path(n)
+    assert path is not None
+    path.unlink()
+    assert read_all(store, n) == body(client, n) and fetches(client, n) == 2
 
 
 # ------------------------------------------------------------------ full disk, offline
+def test_enospc_while_writing_serves_from_memory_warns_once_and_leaves_no_part(make_store, client, monkeypatch,
+                                                                                caplog, tmp_path):
+    import nbiafs.store.download as download_mod
 
-
-def test_full_disk_still_serves_fetched_bytes_and_warns_once(make_store, client, monkeypatch, caplog):
     store = make_store()
+    real = download_mod.os.pwrite
 
-    def full(*args, **kwargs):
+    def full(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store._cache, "set", full)
-    caplog.set_level(logging.WARNING, logger="nbiafs.store")
-    nodes = [node(1), node(2)]
-    for n in nodes:
-        assert read_all(store, n) == body(client, n)
-    assert store.stats().memory_fallbacks == 2
-    assert not store.contains(nodes[0])
-    warnings = [r for r in caplog.records if "disk is full" in r.getMessage()]
-    assert len(warnings) == 1
+    monkeypatch.setattr(download_mod.os, "pwrite", full)
+    with caplog.at_level(logging.WARNING, logger="nbiafs.store"):
+        assert read_all(store, node(20)) == body(client, node(20))
+        assert read_all(store, node(21)) == body(client, node(21))
+    monkeypatch.setattr(download_mod.os, "pwrite", real)
+    assert caplog.text.count("cannot write to the instance cache") == 1
+    assert store.stats().memory_fallbacks == 2 and not store.contains(node(20))
+    assert not list(tmp_path.rglob("*.part.*"))
 
 
-def test_failed_value_write_leaves_no_partial_file(make_store, client, monkeypatch, tmp_path):
+def test_a_body_too_big_for_memory_when_the_disk_is_full_is_enospc(make_store, client, monkeypatch):
+    import nbiafs.store.download as download_mod
+
+    monkeypatch.setattr(download_mod, "MEMORY_LIMIT", 10_000)
+    monkeypatch.setattr(download_mod.os, "pwrite", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
     store = make_store()
-    real_open = open
-
-    class FullFile:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            self.f.close()
-
-        def write(self, chunk):
-            self.f.write(chunk[:100])
-            self.f.flush()
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    def fake_open(path, mode="r", *a, **kw):
-        f = real_open(path, mode, *a, **kw)
-        return FullFile(f) if str(path).endswith(".val") and "x" in mode else f
-
-    monkeypatch.setattr("builtins.open", fake_open)
-    n = node(1)
-    assert read_all(store, n) == body(client, n)
-    monkeypatch.undo()
-    assert store.stats().memory_fallbacks == 1
-    assert list((tmp_path / "instances").rglob("*.val")) == []
+    n = sized(client, 22, 50_000)
+    with pytest.raises(CacheFullError, match="too many to keep in memory") as info:
+        h = store.open(n)
+        store.read(h, 60_000, 0)
+    assert MEMORY_LIMIT > 10_000 and errno_for(info.value) == errno.ENOSPC
 
 
-def test_offline_serves_cached_and_refuses_the_rest(make_store, client):
+def test_offline_serves_the_cache_and_refuses_the_rest(make_store, client, tmp_path):
     online = make_store()
-    cached = node(1)
-    read_all(online, cached)
+    read_all(online, node(23))
     online.close()
-    fresh = fresh_client()
-    offline = make_store(client=fresh, offline=True)
-    offline.start()
-    assert read_all(offline, cached) == body(client, cached)
+    offline = make_store(offline=True)
+    assert read_all(offline, node(23)) == body(client, node(23))
     with pytest.raises(OfflineError):
-        offline.open(node(2))
-    assert offline.prefetch([node(3)]) == 0
-    assert fresh.total_calls() == 0
+        offline.open(node(24))
+    assert fetches(client) == 1
 
 
-# ------------------------------------------------------------------ handles and reads
-
-
-def test_read_returns_exact_ranges_and_empty_past_the_end(make_store, client):
+# ------------------------------------------------------------------ reads, handles, eviction
+def test_reads_are_exact_ranges_and_empty_past_the_end(make_store, client):
     store = make_store()
-    n = sized(client, 1, 10_000)
+    n = node(25)
     data = body(client, n)
     h = store.open(n)
-    assert store.read(h, 100, 0) == data[:100]
-    assert store.read(h, 4096, 9000) == data[9000:]
-    assert store.read(h, 10, 10_000) == b""
-    assert store.read(h, 10, 50_000) == b""
-    with pytest.raises(OSError) as bad:
-        store.read(h, 10, -1)
-    assert bad.value.errno == errno.EINVAL
+    for size, offset in ((10, 0), (100, 4990), (4096, 1000), (10, 5000), (1, 99999)):
+        assert store.read(h, size, offset) == data[offset:offset + size]
     store.release(h)
-    for call in (lambda: store.read(h, 1, 0), lambda: store.release(h), lambda: store.read(999, 1, 0)):
-        with pytest.raises(OSError) as err:
-            call()
-        assert err.value.errno == errno.EBADF
+    with pytest.raises(OSError) as info:
+        store.read(h, 1, 0)
+    assert info.value.errno == errno.EBADF
 
 
-def test_many_threads_read_one_handle_at_once(make_store, client):
-    store = make_store()
-    n = sized(client, 1, 256 * 1024)
-    data = body(client, n)
-    h = store.open(n)
-    barrier = threading.Barrier(8)
-
-    def reader(k: int) -> bool:
-        barrier.wait(WAIT)
-        offsets = range(k * 512, n.size, 8 * 4096)
-        return all(store.read(h, 4096, off) == data[off : off + 4096] for off in offsets)
-
-    runs = [in_thread(reader, k) for k in range(8)]
-    for t, out in runs:
-        t.join(WAIT)
-        assert out.get("value") is True, out.get("error")
-    store.release(h)
-
-
-def test_open_file_stays_readable_after_eviction(make_store, client):
-    store = make_store()
-    n = node(1)
-    h = store.open(n)
-    assert store.clear() == 1
-    assert not store.contains(n)
-    assert store.read(h, n.size, 0) == body(client, n)
-    store.release(h)
-
-
-def test_entry_removed_by_another_process_is_fetched_again_not_served_stale(make_store, client):
-    store = make_store()
-    n = node(1)
+def test_an_open_file_stays_readable_after_eviction(make_store, client):
+    store = make_store(size_limit=12_000)
+    n = node(26)
     read_all(store, n)
-    read_all(store, n)  # remembered for the fast open path now
-    other = make_store()  # e.g. `nbiafs cache clear` in another process
-    assert other.clear() == 1
-    assert read_all(store, n) == body(client, n)
-    assert fetches(client, n) == 2
+    h = store.open(n)
+    for i in range(27, 31):
+        read_all(store, node(i))  # evicts node 26
+    assert not store.contains(n)
+    assert store.read(h, 10_000, 0) == body(client, n)
+    store.release(h)
+
+
+def test_the_bound_holds_and_the_recently_used_stay(make_store, client):
+    store = make_store(size_limit=30_000)
+    for i in range(40, 45):
+        read_all(store, node(i))
+    read_all(store, node(40))  # used again: most recent
+    for i in range(45, 48):
+        read_all(store, node(i))
+    assert store.volume() <= 30_000
+    assert store.contains(node(40)) and not store.contains(node(41))
 
 
 def test_evict_all_removes_only_this_namespace(make_store, client):
-    mine = make_store(namespace="A")
-    other = make_store(namespace="B")
-    read_all(mine, node(1))
-    read_all(other, node(1))
-    assert mine.evict_all() == 1
-    assert not mine.contains(node(1)) and other.contains(node(1))
+    a = make_store(namespace="ns-a")
+    b = make_store(namespace="ns-b")
+    read_all(a, node(1))
+    read_all(b, node(1))
+    assert a.wait_fetched(WAIT) and b.wait_fetched(WAIT)
+    assert a.evict_all() == 1
+    assert not a.contains(node(1)) and b.contains(node(1))
 
 
-def test_lru_bound_holds_and_keeps_the_recently_used(make_store, client):
-    limit, size = 1_000_000, 10_000
-    store = make_store(size_limit=limit, touch_interval=0)  # mark every use in the LRU order
-    nodes = [sized(client, i, size) for i in range(N_INSTANCES)]
-    first, second = nodes[0], nodes[1]
-    read_all(store, first)
-    read_all(store, second)
-    older = 2 + 2 * store_mod.CULL_LIMIT  # one cull evicts CULL_LIMIT entries: keep `first` out of reach
-    for n in nodes[2:older]:
-        read_all(store, n)
-    read_all(store, first)  # used again: now more recent than `second` and the others
-    i = older
-    while store.contains(second):
-        read_all(store, nodes[i])
-        assert store.volume() <= limit + 2 * size
-        i += 1
-        assert i < 250, "nothing was ever evicted"
-    assert store.contains(first)
-    assert store.contains(nodes[i - 1])
-    for n in nodes[i : i + 100]:
-        read_all(store, n)
-        assert store.volume() <= limit + 2 * size
-
-
-# ------------------------------------------------------------------ prefetch
-
-
-def test_prefetch_fetches_the_rest_of_a_series_once(make_store, client):
-    store = make_store(workers=3)
-    store.start()
-    series = [node(i) for i in range(10)]
-    read_all(store, series[0])
-    assert store.on_open(series[0], series) == 9
-    assert store.on_open(series[3], series) == 0  # the series was scheduled already
-    assert store.wait_prefetched(WAIT)
-    store.close()
-    assert [fetches(client, n) for n in series] == [1] * 10
-    assert store.stats().prefetches == 9
-    fresh = fresh_client()
-    again = make_store(client=fresh)
-    for n in series:
-        assert read_all(again, n) == body(client, n)
-    assert fresh.total_calls() == 0
-
-
-def test_prefetch_starts_after_the_opened_file_and_wraps_around(make_store, client):
-    store = make_store(workers=1)
-    store.start()
-    series = [node(i) for i in range(6)]
-    assert store.on_open(series[2], series) == 5  # one worker: fetches happen in queue order
-    assert store.wait_prefetched(WAIT)
-    order = [args[1] for method, args in client.call_log if method == "single_image"]
-    assert order == [series[i].sop_uid for i in (3, 4, 5, 0, 1)]
-
-
-def test_prefetch_skips_cached_instances_and_directories(make_store, client):
+# ------------------------------------------------------------------ read-ahead
+def test_the_first_open_of_a_series_fetches_that_file_only(make_store, client):
     store = make_store()
-    store.start()
-    read_all(store, node(1))
-    directory = Node("series", "/Coll-1/P1/s", ino=7, mtime=0.0, series_uid=SERIES)
-    assert store.prefetch([node(1), directory]) == 0
+    read_all(store, SIBLINGS[0])
+    store.on_open(SIBLINGS[0], SIBLINGS)
+    assert store.wait_prefetched(WAIT)
+    assert fetches(client) == 1
 
 
-def test_direct_open_joins_a_running_prefetch(make_store, client, waiters):
+def test_a_reader_walking_in_order_is_read_ahead_of_and_each_file_is_fetched_once(make_store, client):
+    store = make_store()
+    for n in SIBLINGS[:30]:
+        read_all(store, n)
+        store.on_open(n, SIBLINGS)
+    assert store.wait_prefetched(WAIT)
+    assert store.stats().prefetches > 10  # files arrived before they were opened
+    assert all(fetches(client, n) == 1 for n in SIBLINGS[:40] if store.contains(n))
+    assert sum(store.contains(n) for n in SIBLINGS[30:]) >= 16  # the window ran ahead of the reader
+
+
+def test_one_file_per_series_fetches_nothing_ahead(make_store, client):
+    store = make_store()
+    for i in (0, 50, 3, 120, 77):  # random access, or a header scan
+        read_all(store, SIBLINGS[i])
+        store.on_open(SIBLINGS[i], SIBLINGS)
+    assert store.wait_prefetched(WAIT)
+    assert fetches(client) == 5
+
+
+def test_read_ahead_is_bounded_by_a_share_of_the_cache(make_store, client):
+    store = make_store(size_limit=200_000, read_ahead_share=0.1)  # 20 KB ahead: four files
+    for n in SIBLINGS[:12]:
+        read_all(store, n)
+        store.on_open(n, SIBLINGS)
+    assert store.wait_prefetched(WAIT)
+    ahead = [n for n in SIBLINGS[12:] if store.contains(n)]
+    assert len(ahead) <= 5
+
+
+def test_an_open_joins_a_read_ahead_in_flight(make_store, client):
+    store = make_store()
+    for n in SIBLINGS[:3]:
+        read_all(store, n)
+        store.on_open(n, SIBLINGS)
+    target = SIBLINGS[4]
+    assert store.wait_prefetched(WAIT)
+    assert read_all(store, target) == body(client, target)
+    assert fetches(client, target) == 1
+
+
+def test_close_drops_queued_read_ahead_and_joins_the_workers(make_store, client):
     store = make_store(workers=1)
-    store.start()
-    n = node(1)
-    gate = hold(client, n)
-    assert store.prefetch([n]) == 1
-    assert gate.wait_entered(1)
-    t, out = in_thread(read_all, store, n)
-    waiters.wait_for(1)
-    gate.release()
+    gate = client.gate("single_image", match=lambda series, sop, size: sop == SIBLINGS[2].sop_uid)
+    read_all(store, SIBLINGS[0])
+    store.on_open(SIBLINGS[0], SIBLINGS)
+    t, out = in_thread(read_all, store, SIBLINGS[1])
     t.join(WAIT)
-    assert out["value"] == body(client, n)
+    store.on_open(SIBLINGS[1], SIBLINGS)  # asks for 2 and 3: 2 is held
+    assert gate.wait_entered(1)
+    threading.Timer(0.3, gate.release).start()
+    store.close()
+    assert fetches(client) <= 4
+    assert not [t for t in threading.enumerate() if t.name.startswith("nbiafs-prefetch") and t.is_alive()]
+
+
+def test_read_ahead_errors_are_counted_and_not_remembered(make_store, client):
+    store = make_store()
+    client.fail("single_image", RemoteNotFoundError("500"), match=lambda s, sop, z: sop == SIBLINGS[2].sop_uid,
+                times=1)
+    for n in SIBLINGS[:2]:
+        read_all(store, n)
+        store.on_open(n, SIBLINGS)
+    assert store.wait_prefetched(WAIT)
+    assert store.stats().prefetch_errors == 1
+    assert read_all(store, SIBLINGS[2]) == body(client, SIBLINGS[2])
+
+
+def test_read_ahead_before_start_does_nothing(make_store, client):
+    store = make_store(start=False)
+    assert store.prefetch(SIBLINGS[:5]) == 0
+
+
+# ------------------------------------------------------------------ probe
+def _dicom_bytes(instance_number: int) -> bytes:
+    import io
+
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+
+    ds = pydicom.Dataset()
+    ds.InstanceNumber = instance_number
+    ds.SOPClassUID = pydicom.uid.CTImageStorage
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_the_probe_fetches_once_keeps_the_file_and_reads_the_instance_number(make_store, client):
+    store = make_store()
+    n = node(60)
+    client.archive.data[n.sop_uid] = _dicom_bytes(61)
+    assert store.probe(SERIES, n.sop_uid) == (len(body(client, n)), 61)
+    assert store.probe(SERIES, n.sop_uid) == (len(body(client, n)), 61)
+    assert read_all(store, node(60, len(body(client, n)))) == body(client, n)
     assert fetches(client, n) == 1
 
 
-def test_direct_open_does_not_queue_behind_prefetch(make_store, client):
-    store = make_store(workers=1)
-    store.start()
-    busy, queued = node(1), node(2)
-    gate = hold(client, busy)
-    assert store.prefetch([busy, queued]) == 2
-    assert gate.wait_entered(1)
-    assert read_all(store, queued) == body(client, queued)  # the only worker is still busy
-    gate.release()
-    assert store.wait_prefetched(WAIT)
-    assert fetches(client, queued) == 1  # the queued prefetch found it cached
-
-
-def test_close_cancels_queued_prefetches_and_joins_workers(make_store, client):
-    store = make_store(workers=1)
-    store.start()
-    series = [node(i) for i in range(20)]
-    gate = hold(client, series[0])
-    assert store.prefetch(series) == 20
-    assert gate.wait_entered(1)
-    pool = store._pool
-    real_shutdown = pool.shutdown
-
-    def shutdown(wait: bool = True, *, cancel_futures: bool = False) -> None:
-        real_shutdown(wait=False, cancel_futures=cancel_futures)  # queued work is cancelled now...
-        gate.release()  # ...then the busy worker may finish
-        real_shutdown(wait=wait)
-
-    pool.shutdown = shutdown
-    store.close()
-    assert fetches(client) == 1
-    assert not [t for t in threading.enumerate() if t.name.startswith("nbiafs-prefetch")]
-
-
-def test_prefetch_errors_are_counted_not_cached(make_store, client):
-    store = make_store(workers=1)
-    store.start()
-    n = node(1)
-    client.fail("single_image", ServerError("boom"), times=1)
-    store.prefetch([n])
-    assert store.wait_prefetched(WAIT)
-    assert store.stats().prefetch_errors == 1
-    again = make_store()
-    assert read_all(again, n) == body(client, n)
-    assert fetches(client, n) == 2
-
-
-def test_prefetch_before_start_does_nothing(make_store, client):
+# ------------------------------------------------------------------ the bulk jobs of the commands
+def test_ensure_fetches_what_is_missing_checks_md5s_and_a_rerun_fetches_nothing(make_store, client):
     store = make_store()
-    assert store.prefetch([node(1)]) == 0
-    assert store.on_open(node(1), [node(1), node(2)]) == 0
-    assert client.total_calls() == 0
+    read_all(store, node(70))  # already cached (md5 never checked yet)
+    nodes = [node(i) for i in range(70, 80)]
+    report = store.ensure(nodes)
+    assert report.ok and {o.status for o in report.outcomes} == {"cached", "fetched"}
+    assert all(store.md5_of(n) == hashlib.md5(body(client, n)).hexdigest() for n in nodes)
+    before = fetches(client)
+    md5_calls = client.calls["md5_for_image"]
+    again = store.ensure(nodes)
+    assert again.ok and all(o.status == "cached" for o in again.outcomes)
+    assert fetches(client) == before and client.calls["md5_for_image"] == md5_calls  # nothing asked again
 
 
-# -- probe: sizes learned by fetching when the drill-down is unavailable ---------------------------
-
-def _dicom_bytes(instance_number: int) -> bytes:
-    import io as _io
-
-    import pydicom
-    from pydicom.data import get_testdata_file
-
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    ds.InstanceNumber = instance_number
-    buf = _io.BytesIO()
-    ds.save_as(buf)
-    return buf.getvalue()
-
-
-def test_probe_fetches_once_caches_and_reads_the_instance_number(tmp_path):
-    from nbiafs.store import InstanceStore
-
-    class OneFile:
-        deadline = 5.0
-
-        def __init__(self):
-            self.calls = 0
-            self.data = _dicom_bytes(42)
-
-        def single_image(self, series_uid, sop_uid, expected_size=None):
-            self.calls += 1
-            return self.data
-
-    client = OneFile()
-    with InstanceStore(client, tmp_path, size_limit=10**8, namespace="ns") as store:
-        assert store.probe("1.2", "1.2.3") == (len(client.data), 42)
-        assert store.probe("1.2", "1.2.3") == (len(client.data), 42)  # from the cache now
-        assert client.calls == 1
-
-
-def test_opener_joining_a_probe_of_another_length_gets_the_true_bytes_and_length(make_store, client, waiters):
-    # A probe fetches without a known size; an open that joins it knows a size (the metadata's). The
-    # bytes are the server's complete file: the opener gets them whole, and the store says how long
-    # they are (the FUSE layer then reads past the stale st_size).
+def test_a_body_that_is_not_the_servers_file_is_fetched_again_then_reported_never_kept(make_store, client,
+                                                                                      monkeypatch):
     store = make_store()
-    n = node(3, size=4000)  # the server holds 5000 bytes for this instance
-    gate = hold(client, n)
-    probing = in_thread(store.probe, SERIES, n.sop_uid)
-    assert gate.wait_entered(1)
-
-    def read_whole(ref: Node) -> bytes:
-        h = store.open(ref)
-        try:
-            return store.read(h, store.size(h), 0)
-        finally:
-            store.release(h)
-
-    opening = in_thread(read_whole, n)
-    waiters.wait_for(1)
-    gate.release()
-    for t, _ in (probing, opening):
-        t.join(WAIT)
-    assert probing[1].get("value", (None,))[0] == 5000
-    assert len(opening[1]["value"]) == 5000
+    n = node(81)
+    true = body(client, n)
+    monkeypatch.setattr(client, "md5_for_image", lambda sop: hashlib.md5(b"the true file").hexdigest())
+    report = store.ensure([n])
+    assert not report.ok and report.failed[0].node == n and "md5" in report.failed[0].error
+    assert fetches(client, n) == 2 and store.cached_path(n) is None
+    assert true == body(client, n)
 
 
-def test_prefetch_of_a_series_larger_than_the_cache_stops_at_half_the_bound(tmp_path):
-    from nbiafs.store import InstanceStore
+def test_verify_drops_a_cached_file_altered_on_disk(make_store, client):
+    store = make_store()
+    nodes = [node(i) for i in range(90, 93)]
+    assert store.ensure(nodes).ok
+    path = store.cached_path(nodes[1])
+    assert path is not None
+    data = bytearray(path.read_bytes())
+    data[200] ^= 0xFF  # same length, another byte
+    path.write_bytes(bytes(data))
+    report = store.verify_all()
+    assert report.checked == 3 and report.dropped == [str(path)]
+    assert not store.contains(nodes[1]) and store.contains(nodes[0])
 
-    class Sized:
-        def __init__(self, i):
-            self.series_uid, self.sop_uid, self.size = "s", f"i{i}", 1000
 
-    class Thousand:
-        deadline = 5.0
+def test_info_and_clear_cover_every_namespace(make_store, client, tmp_path):
+    a = make_store(namespace="http://one|nbia_guest")
+    b = make_store(namespace="http://two|alice")
+    read_all(a, node(1))
+    read_all(a, node(2))
+    read_all(b, node(3))
+    info = a.info()
+    assert info.instances == 3 and info.series == 2 and info.bytes == 15_000
+    assert info.namespaces == {"http://one|nbia_guest": 2, "http://two|alice": 1}
+    assert a.clear() == 3
+    assert a.info().instances == 0
 
-        def __init__(self):
-            self.fetched = []
 
-        def single_image(self, series_uid, sop_uid, expected_size=None):
-            self.fetched.append(sop_uid)
-            return b"x" * 1000
+def test_an_old_diskcache_store_in_the_cache_dir_is_ignored(make_store, client, tmp_path):
+    (tmp_path / "instances").mkdir()
+    (tmp_path / "instances" / "cache.db").write_bytes(b"SQLite format 3\x00 from an older nbiafs")
+    store = make_store()
+    assert read_all(store, node(4)) == body(client, node(4))
 
-    nodes = [Sized(i) for i in range(100)]
-    client = Thousand()
-    with InstanceStore(client, tmp_path, size_limit=20_000, namespace="ns", workers=2) as store:
-        store.start()
-        assert store.on_open(nodes[0], nodes) == 10  # 10 x 1000 bytes = half of the 20 000 bound
-        assert store.wait_prefetched(10)
-    assert sorted(client.fetched) == sorted(f"i{i}" for i in range(1, 11))
+
+def test_the_index_scan_learns_what_another_process_wrote(tmp_path, client, make_store):
+    writer = make_store()
+    read_all(writer, node(5))
+    index = CacheIndex(tmp_path, "http://emu|nbia_guest", 10**9)
+    assert index.scan() == 1 and index.total == 5000

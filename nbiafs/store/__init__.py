@@ -1,0 +1,705 @@
+"""The instance store: DICOM bytes for the file system and the commands, cached on disk, fetched once.
+
+One job per module:
+
+* :mod:`.index`: which instances are complete on disk, their use order, the bound (the file system is
+  the index: no database on any path);
+* :mod:`.download`: one fetch, streamed into a part file, readable while it arrives, renamed into place
+  once checked;
+* :mod:`.handles`: open instances (a complete file, or one still arriving);
+* :mod:`.readahead`: the policy (which files to fetch before they are opened) and its global budget;
+* :mod:`.prefetcher`: the pool that fetches ahead, most recently read series first;
+* this module: :class:`InstanceStore`, which ties them together, and the bulk jobs of the commands
+  (:meth:`InstanceStore.ensure`, :meth:`InstanceStore.verify_all`, :meth:`InstanceStore.info`).
+
+Reading an instance: an open of a cached file is one ``open`` and one ``fstat`` (its use is noted in
+memory and written in batches); an open of one that is not cached starts its fetch (or joins the one in
+flight: one fetch per instance however many readers) in a thread of its own and returns as soon as the
+first bytes are there; reads then wait only for the bytes they ask for. Every fetched body is checked
+against its own Content-Length, and a body whose length differs from the metadata's is the true file
+(reported once through ``on_size_mismatch``). A cached file whose length differs from what was
+fetched is dropped and fetched again.
+
+Threads (the read-ahead pool, the background scan of the cache and the writer of use times) start in
+:meth:`InstanceStore.start`, after the mount daemonized, and stop in :meth:`InstanceStore.close`;
+close the HTTP client first so that no worker waits out a stalled transfer.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+
+import cachetools
+import pydicom
+
+from ..errors import ConfigError, IntegrityError, NbiaError, OfflineError, ServerError
+from .download import MEMORY_LIMIT, Download
+from .handles import DownloadHandle, FileHandle, HandleTable
+from .index import OBJECTS, CacheIndex, Digests
+from .prefetcher import Item, Prefetcher
+from .readahead import Budget, ReaderState, plan
+
+if TYPE_CHECKING:
+    from ..client import NbiaClient
+
+log = logging.getLogger(__name__)
+
+__all__ = ["InstanceStore", "StoreStats", "EnsureReport", "Outcome", "VerifyReport", "CacheInfo"]
+
+#: Share of the cache bound that files fetched ahead but not opened yet may fill.
+READ_AHEAD_SHARE = 0.25
+#: Bytes being fetched ahead at once, at most (files of any size: one always may be).
+IN_FLIGHT_LIMIT = 64 * 1024 * 1024
+#: open() returns once this much of an instance (or all of it) has arrived: its first bytes.
+FIRST_BYTES = 1
+#: Seconds a waiting reader allows beyond the client's read timeout before it calls a transfer stalled.
+STALL_MARGIN = 5.0
+#: Seconds an opener joining another's fetch allows beyond the client's deadline for its first bytes.
+WAIT_MARGIN = 15.0
+#: Uses of cached files are written to disk (their mtimes) at most this often.
+TOUCH_FLUSH = 30.0
+#: Read-ahead state is kept for this many series (the most recently read).
+READERS = 10_000
+
+
+class InstanceRef(Protocol):
+    """What the store needs of a catalog ``Node``: the instance's identifiers and exact size."""
+
+    @property
+    def series_uid(self) -> str | None: ...
+    @property
+    def sop_uid(self) -> str | None: ...
+    @property
+    def size(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Ref:
+    series_uid: str
+    sop_uid: str
+    size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """A snapshot of the store's counters (``.nbiafs/stats.json``, benchmarks, tests)."""
+
+    hits: int = 0  # opens served from the cache
+    misses: int = 0  # opens that had to fetch (or join a fetch)
+    fetches: int = 0  # getSingleImage transfers started
+    bytes_fetched: int = 0
+    prefetches: int = 0  # instances fetched ahead of readers
+    prefetch_errors: int = 0
+    joined: int = 0  # opens that joined another's fetch instead of starting one
+    memory_fallbacks: int = 0  # fetches kept in memory because the cache could not be written
+    corrupt_dropped: int = 0  # cached files dropped because their length was wrong
+    size_mismatches: int = 0  # complete bodies of another length than the metadata said
+    md5_mismatches: int = 0  # bodies whose md5 was not the server's
+    fetch_errors: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What :meth:`InstanceStore.ensure` did for one instance."""
+
+    node: Any
+    status: str  # "cached" (was there and verified), "fetched", "failed"
+    size: int = 0
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class EnsureReport:
+    outcomes: list[Outcome] = field(default_factory=list)
+    stopped: bool = False
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.stopped and not self.failed
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    checked: int = 0
+    bytes: int = 0
+    dropped: list[str] = field(default_factory=list)  # paths of files that failed (removed)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheInfo:
+    directory: str
+    bytes: int
+    instances: int
+    series: int
+    bound: int
+    namespaces: dict[str, int]  # namespace -> instances
+
+
+class _Counters:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values = dict.fromkeys(StoreStats.__dataclass_fields__, 0)
+
+    def add(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            self._values[name] += amount
+
+    def snapshot(self) -> StoreStats:
+        with self._lock:
+            return StoreStats(**self._values)
+
+
+class InstanceStore:
+    """Instance bytes for the file system and the commands (see the module docstring)."""
+
+    def __init__(self, client: NbiaClient | None, cache_dir: Path, *, size_limit: int, namespace: str,
+                 offline: bool = False, workers: int = 8, wait_timeout: float | None = None,
+                 on_size_mismatch: Callable[[InstanceRef, int], None] | None = None,
+                 read_ahead_share: float = READ_AHEAD_SHARE, in_flight_limit: int = IN_FLIGHT_LIMIT) -> None:
+        if size_limit <= 0:
+            raise ConfigError("the instance cache size limit must be positive")
+        if workers < 0:
+            raise ConfigError("the number of prefetch workers cannot be negative")
+        if not namespace:
+            raise ConfigError("the instance cache needs a namespace (server URL + account)")
+        self._client = client
+        self._offline = offline
+        self._on_size_mismatch = on_size_mismatch
+        deadline = float(getattr(client, "deadline", 120.0))
+        self._wait_timeout = wait_timeout if wait_timeout is not None else deadline + WAIT_MARGIN
+        transport = getattr(client, "transport", None)
+        read_timeout = float(transport.timeout[1]) if transport is not None else 60.0
+        self._stall = read_timeout + STALL_MARGIN
+        self.directory = Path(cache_dir) / OBJECTS
+        try:
+            self._index = CacheIndex(Path(cache_dir), namespace, size_limit)
+        except OSError as exc:
+            raise ConfigError(f"cannot use the cache directory {cache_dir}: {exc}") from exc
+        self._size_limit = size_limit
+        self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)  # notified when a fetch has fully ended
+        self._downloads: dict[str, Download] = {}
+        self._reported: set[str] = set()
+        self._handles = HandleTable()
+        self._counters = _Counters()
+        self._readers: cachetools.LRUCache[str, ReaderState] = cachetools.LRUCache(READERS)
+        self._positions: cachetools.LRUCache[str, tuple[Sequence[Any], dict[str, int]]] = cachetools.LRUCache(256)
+        self._workers = max(1, workers)
+        self._prefetcher = Prefetcher(self._fetch_ahead, workers=0 if offline else workers,
+                                      budget=Budget(in_flight_limit, int(size_limit * read_ahead_share)))
+        self._stop = threading.Event()
+        self._background: threading.Thread | None = None
+        self._warned_memory = False
+        self._closed = False
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Start the read-ahead workers and the background scan and use-time writer (idempotent)."""
+        with self._lock:
+            if self._closed:
+                raise NbiaError("the instance store is closed")
+            if self._background is None:
+                self._background = threading.Thread(target=self._maintain, name="nbiafs-cache-index", daemon=True)
+                self._background.start()
+        self._prefetcher.start()
+
+    def close(self) -> None:
+        """Stop the workers, close every handle, write the use times (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._prefetcher.stop()
+        self._stop.set()
+        if self._background is not None:
+            self._background.join(30)
+        self._handles.close_all()
+        self._index.flush_touches()
+
+    def __enter__(self) -> InstanceStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _maintain(self) -> None:
+        try:
+            found = self._index.scan()
+            log.debug("cache index: %d files, %d bytes", found, self._index.total)
+        except Exception:
+            log.warning("scanning the instance cache failed", exc_info=True)
+        while not self._stop.wait(TOUCH_FLUSH):
+            self._index.flush_touches()
+
+    # ----------------------------------------------------------------- file operations
+    def open(self, node: InstanceRef) -> int:
+        """A handle over the bytes of ``node``: from the cache, else fetched (once, however many ask)."""
+        self._check_open()
+        series_uid, sop_uid = _ids(node)
+        path = self._index.path_for(series_uid, sop_uid)
+        cached = self._open_cached(path, node)
+        if cached is not None:
+            self._counters.add("hits")
+            self._prefetcher.opened(path)
+            return self._handles.add(cached)
+        if self._offline:
+            self._counters.add("misses")
+            raise OfflineError(f"{sop_uid} is not in the cache (offline mode)")
+        joined = self._join_or_start(path, node, reader=True)
+        if joined is None:  # completed by another thread a moment ago
+            return self.open(node)
+        download, leader = joined
+        self._counters.add("misses")
+        if leader:
+            threading.Thread(target=self._run, args=(path, download), name="nbiafs-fetch", daemon=True).start()
+        else:
+            self._counters.add("joined")
+        handle = DownloadHandle(download, self._stall)
+        try:
+            download.wait_started(self._wait_timeout)
+            length = download.length
+            download.wait_for(min(FIRST_BYTES, length) if length is not None else 1, self._stall)
+            self._note_length(node, download.length)
+        except BaseException:
+            handle.close()
+            raise
+        return self._handles.add(handle)
+
+    def read(self, handle: int, size: int, offset: int) -> bytes:
+        """Exactly the bytes ``[offset, offset+size)`` (fewer at the end, b"" past it)."""
+        if size < 0 or offset < 0:
+            raise OSError(22, f"bad read: size={size} offset={offset}")
+        return self._handles.get(handle).read(size, offset)
+
+    def size(self, handle: int) -> int:
+        """The length of the file behind ``handle`` (differs from st_size only after a size mismatch)."""
+        return self._handles.get(handle).size()
+
+    def release(self, handle: int) -> None:
+        self._handles.pop(handle).close()
+
+    def probe(self, series_uid: str, sop_uid: str) -> tuple[int, int | None]:
+        """Exact size and InstanceNumber of an instance the drill-down could not describe, by fetching it
+        (once, kept in the cache: a later open is a hit)."""
+        ref = _Ref(series_uid, sop_uid)
+        self._check_open()
+        path = self._index.path_for(series_uid, sop_uid)
+        entry = self._index.lookup(path)
+        if entry is None:
+            if self._offline:
+                raise OfflineError(f"{sop_uid} is not in the cache (offline mode)")
+            joined = self._join_or_start(path, ref)
+            if joined is not None:
+                download, leader = joined
+                if leader:
+                    self._run(path, download)
+                download.wait_for(1 << 62, self._stall)
+                if download.in_memory is not None:
+                    data = bytes(download.in_memory)
+                    return len(data), _instance_number(io.BytesIO(data), sop_uid)
+            entry = self._index.lookup(path)
+            if entry is None:
+                raise ServerError(f"{sop_uid}: fetched, but gone from the cache at once")
+        with open(entry.path, "rb") as fh:
+            return os.fstat(fh.fileno()).st_size, _instance_number(fh, sop_uid)
+
+    # ----------------------------------------------------------------- read-ahead
+    def on_open(self, node: InstanceRef, siblings: Sequence[InstanceRef]) -> int:
+        """The read-ahead policy: ``node`` was opened; ``siblings`` are its series' files in reading order
+        (the same sequence object each time: positions are computed once per series listing)."""
+        series_uid, sop_uid = _ids(node)
+        position = self._position(series_uid, siblings).get(sop_uid)
+        if position is None:
+            return 0
+        with self._lock:
+            state, ahead = plan(self._readers.get(series_uid), position, len(siblings))
+            self._readers[series_uid] = state
+        self._prefetcher.touch(series_uid)
+        if not ahead:
+            return 0
+        items = []
+        for f in (siblings[i] for i in ahead):
+            if not f.series_uid or not f.sop_uid:
+                continue
+            path = self._index.path_for(f.series_uid, f.sop_uid)
+            if self._index.lookup(path) is None:
+                items.append(Item(path, max(int(f.size or 0), 0), f))
+        return self._prefetcher.want(series_uid, items)
+
+    def prefetch(self, nodes: Iterable[InstanceRef]) -> int:
+        """Fetch ``nodes`` in the background (skipping what is cached); returns how many were queued."""
+        by_series: dict[str, list[Item]] = {}
+        for node in nodes:
+            if not node.series_uid or not node.sop_uid:
+                continue
+            path = self._index.path_for(node.series_uid, node.sop_uid)
+            if self._index.lookup(path) is None:
+                by_series.setdefault(node.series_uid, []).append(Item(path, max(int(node.size or 0), 0), node))
+        return sum(self._prefetcher.want(series, items) for series, items in by_series.items())
+
+    def wait_prefetched(self, timeout: float) -> bool:
+        """Wait until no read-ahead is queued or running; False when ``timeout`` passed first."""
+        return self._prefetcher.idle(timeout)
+
+    def wait_fetched(self, timeout: float, node: InstanceRef | None = None) -> bool:
+        """Wait until no fetch (of ``node``, or at all) is in flight: each recorded in the index, or failed."""
+        path = self._index.path_for(*_ids(node)) if node is not None else None
+        with self._settled:
+            return self._settled.wait_for(lambda: not self._downloads if path is None else path not in self._downloads,
+                                          timeout)
+
+    def _position(self, series_uid: str, siblings: Sequence[InstanceRef]) -> dict[str, int]:
+        with self._lock:
+            known = self._positions.get(series_uid)
+            if known is not None and known[0] is siblings:
+                return known[1]
+        positions = {str(s.sop_uid): i for i, s in enumerate(siblings) if s.sop_uid}
+        with self._lock:
+            self._positions[series_uid] = (siblings, positions)
+        return positions
+
+    def _fetch_ahead(self, item: Item) -> bool:
+        """A read-ahead worker's fetch (in its own thread); True when it fetched the file into the cache."""
+        path = str(item.key)
+        if self._closed or self._index.lookup(path) is not None:
+            return False
+        joined = self._join_or_start(path, item.ref)
+        if joined is None:
+            return False
+        download, leader = joined
+        if not leader:  # an open (or another worker) fetches it already
+            download.wait_for(1 << 62, self._stall)
+            return False
+        self._run(path, download)
+        if download.error is not None:
+            self._counters.add("prefetch_errors")
+            raise download.error
+        self._counters.add("prefetches")
+        return download.on_disk
+
+    # ----------------------------------------------------------------- fetching
+    def _join_or_start(self, path: str, node: InstanceRef, server_md5: str | None = None, *,
+                       reader: bool = False) -> tuple[Download, bool] | None:
+        """The fetch of ``path`` in flight (joined) or a new one (leader: the caller runs it); None when
+        the file became complete meanwhile. ``reader``: the caller will read from it (counted at once,
+        so the fetch keeps its bytes readable for it even if it ends before the caller reads)."""
+        series_uid, sop_uid = _ids(node)
+        part = self._index.part_for(path)
+        with self._lock:
+            download = self._downloads.get(path)
+            if download is not None:
+                if reader:
+                    download.acquire()
+                return download, False
+            if os.path.exists(path):
+                return None
+            expected = int(node.size) if node.size and node.size > 0 else None
+            download = Download(final=path, part=part, series_uid=series_uid,
+                                sop_uid=sop_uid, expected_size=expected, server_md5=server_md5)
+            if reader:
+                download.acquire()
+            self._downloads[path] = download
+            return download, True
+
+    def _run(self, path: str, download: Download) -> None:
+        """Fetch ``download`` in this thread; record it in the cache index when it is complete."""
+        client = self._client
+        assert client is not None
+        self._counters.add("fetches")
+        try:
+            download.run(lambda: client.open_single_image(download.series_uid, download.sop_uid))
+            self._record(path, download)
+        finally:
+            with self._lock:
+                if self._downloads.get(path) is download:
+                    del self._downloads[path]
+                self._settled.notify_all()
+            download.finished()
+
+    def _record(self, path: str, download: Download) -> None:
+        """A fetch ended: its file into the index (with its md5 and length), or its failure counted."""
+        if download.error is not None:
+            self._counters.add("fetch_errors")
+            if isinstance(download.error, IntegrityError):
+                self._counters.add("md5_mismatches")
+            return
+        length = int(download.length or 0)
+        self._counters.add("bytes_fetched", length)
+        if download.on_disk:
+            self._index.set_digests(path, Digests(download.md5, download.server_md5, length))
+            self._index.add(path, length)
+        else:
+            self._counters.add("memory_fallbacks")
+            if not self._warned_memory:
+                self._warned_memory = True
+                log.warning("cannot write to the instance cache in %s (%s); serving downloads from memory "
+                            "(up to %d MiB each)", self.directory, download.disk_refused, MEMORY_LIMIT >> 20)
+
+    def _note_length(self, node: InstanceRef, length: int | None) -> None:
+        """A body of another length than the metadata said is the true file: say so once."""
+        if length is None or not node.size or node.size <= 0 or length == node.size:
+            return
+        key = f"{node.series_uid}/{node.sop_uid}"
+        with self._lock:
+            first = key not in self._reported
+            self._reported.add(key)
+        if first:
+            self._counters.add("size_mismatches")
+            if self._on_size_mismatch is not None:
+                self._on_size_mismatch(node, length)
+
+    def _open_cached(self, path: str, node: InstanceRef) -> FileHandle | None:
+        entry = self._index.lookup(path)
+        if entry is None:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:  # evicted (here or by another process) since
+            self._index.remove(path)
+            return None
+        length = os.fstat(fd).st_size
+        recorded = self._index.digests(path).length
+        if (recorded is not None and length != recorded) or length == 0:
+            os.close(fd)
+            log.warning("cached %s has %d bytes instead of %s: dropped, fetching again", node.sop_uid, length,
+                        recorded)
+            self._counters.add("corrupt_dropped")
+            self._index.remove(path)
+            return None
+        self._note_length(node, length)
+        self._index.touch(entry)
+        return FileHandle(fd, length)
+
+    # ----------------------------------------------------------------- bulk jobs of the commands
+    def ensure(self, nodes: Sequence[InstanceRef], *, verify_md5: bool = True, workers: int | None = None,
+               on_outcome: Callable[[Outcome], None] | None = None,
+               stop: threading.Event | None = None) -> EnsureReport:
+        """Make every one of ``nodes`` cached and, with ``verify_md5``, checked against the server's md5.
+
+        What is cached and already verified is skipped (a re-run fetches only what is missing); a cached
+        file whose md5 was never compared with the server's is compared now (read from disk); a
+        mismatch is fetched again once, then reported, and never kept. ``on_outcome`` is called for every
+        instance as it is done (from worker threads); ``stop`` ends the job early (the instances in
+        progress finish). Parallel: ``workers`` (default: the store's) at once, within the client's
+        connection bound.
+        """
+        self._check_open()
+        report = EnsureReport()
+        lock = threading.Lock()
+        stop = stop or threading.Event()
+
+        def one(node: InstanceRef) -> None:
+            if stop.is_set():
+                return
+            try:
+                outcome = self._ensure_one(node, verify_md5)
+            except Exception as exc:  # noqa: BLE001 - reported per instance
+                outcome = Outcome(node, "failed", int(node.size or 0), str(exc) or type(exc).__name__)
+            with lock:
+                report.outcomes.append(outcome)
+            if on_outcome is not None:
+                on_outcome(outcome)
+
+        with ThreadPoolExecutor(max(1, workers or self._workers), thread_name_prefix="nbiafs-ensure") as pool:
+            pending: set[Future[None]] = {pool.submit(one, node) for node in nodes}
+            try:
+                while pending and not stop.is_set():
+                    _done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            except KeyboardInterrupt:
+                stop.set()
+                raise
+            finally:
+                for future in pending:
+                    future.cancel()  # what has not started does not; what runs finishes (bounded)
+        report.stopped = stop.is_set() and len(report.outcomes) < len(nodes)
+        return report
+
+    def _ensure_one(self, node: InstanceRef, verify_md5: bool) -> Outcome:
+        series_uid, sop_uid = _ids(node)
+        path = self._index.path_for(series_uid, sop_uid)
+        server_md5 = None
+        entry = self._index.lookup(path)
+        if entry is not None:
+            digests = self._index.digests(path)
+            if not verify_md5:
+                return Outcome(node, "cached", entry.size)
+            if digests.server is not None and digests.fetched == digests.server:
+                return Outcome(node, "cached", entry.size)
+            server_md5 = self._server_md5(sop_uid)
+            if _md5_of_file(path) == server_md5:
+                self._index.set_digests(path, Digests(server_md5, server_md5, entry.size))
+                return Outcome(node, "cached", entry.size)
+            log.warning("cached %s is not the server's file (md5): fetching it again", sop_uid)
+            self._counters.add("md5_mismatches")
+            self._index.remove(path)
+        if self._offline:
+            return Outcome(node, "failed", int(node.size or 0), "not cached (offline)")
+        if verify_md5 and server_md5 is None:
+            server_md5 = self._server_md5(sop_uid)
+        last = "fetch failed"
+        for _attempt in range(2):  # a mismatch is fetched again once
+            joined = self._join_or_start(path, node, server_md5 if verify_md5 else None)
+            if joined is None:  # completed by another a moment ago: check it as a cached file
+                return self._ensure_one(node, verify_md5)
+            download, leader = joined
+            if leader:
+                self._run(path, download)
+            else:
+                try:
+                    download.wait_for(1 << 62, self._stall)
+                except NbiaError:
+                    pass
+            if download.ok and download.on_disk:
+                if verify_md5 and download.md5 != server_md5:  # joined a fetch that did not check it
+                    self._index.remove(path)
+                    last = f"md5 {download.md5} is not the server's {server_md5}"
+                    continue
+                self._note_length(node, download.length)
+                return Outcome(node, "fetched", int(download.length or 0))
+            if download.ok:
+                return Outcome(node, "failed", int(download.length or 0),
+                               f"the cache cannot be written ({download.disk_refused})")
+            last = str(download.error)
+            if not isinstance(download.error, IntegrityError):
+                break
+        return Outcome(node, "failed", int(node.size or 0), last)
+
+    def _server_md5(self, sop_uid: str) -> str:
+        client = self._client
+        assert client is not None
+        return client.md5_for_image(sop_uid)
+
+    def md5_of(self, node: InstanceRef) -> str | None:
+        """The server's md5 of a cached instance, when it is known (checked by a prefetch or download)."""
+        if not node.series_uid or not node.sop_uid:
+            return None
+        path = self._index.path_for(node.series_uid, node.sop_uid)
+        if self._index.lookup(path) is None:
+            return None
+        return self._index.digests(path).server
+
+    def cached_path(self, node: InstanceRef) -> Path | None:
+        """The cached file of ``node`` (for hard links), or None."""
+        if not node.series_uid or not node.sop_uid:
+            return None
+        path = self._index.path_for(node.series_uid, node.sop_uid)
+        return Path(path) if self._index.lookup(path) is not None and os.path.exists(path) else None
+
+    def verify_all(self, *, all_namespaces: bool = True,
+                   on_file: Callable[[str, bool], None] | None = None) -> VerifyReport:
+        """Check every cached file: its length against what was fetched, and its md5 against the one
+        recorded (of the bytes fetched, and the server's where known). Drops what fails."""
+        self._index.scan()
+        report = VerifyReport()
+        for entry in self._index.entries(all_namespaces=all_namespaces):
+            digests = self._index.digests(entry.path)
+            ok = True
+            try:
+                length = os.path.getsize(entry.path)
+                if digests.length is not None and length != digests.length:
+                    ok = False
+                elif digests.fetched is not None or digests.server is not None:
+                    actual = _md5_of_file(entry.path)
+                    ok = actual == (digests.server or digests.fetched) and (
+                        digests.fetched is None or actual == digests.fetched)
+            except OSError:
+                ok = False
+            report.checked += 1
+            report.bytes += entry.size
+            if not ok:
+                report.dropped.append(entry.path)
+                self._index.remove(entry.path)
+            if on_file is not None:
+                on_file(entry.path, ok)
+        return report
+
+    def info(self) -> CacheInfo:
+        """What the cache directory holds (every namespace)."""
+        self._index.scan()
+        entries = self._index.entries(all_namespaces=True)
+        names = self._index.namespaces()
+        per: dict[str, int] = {}
+        series: set[str] = set()
+        for e in entries:
+            ns_id = os.path.relpath(e.path, self.directory).split(os.sep, 1)[0]
+            per[names.get(ns_id, ns_id)] = per.get(names.get(ns_id, ns_id), 0) + 1
+            series.add(os.path.dirname(e.path))
+        return CacheInfo(str(self.directory.parent), sum(e.size for e in entries), len(entries), len(series),
+                         self._size_limit, per)
+
+    def clear(self) -> int:
+        """Remove every cached instance of every namespace; returns how many were removed."""
+        self._index.scan()
+        removed = 0
+        for entry in self._index.entries(all_namespaces=True):
+            removed += bool(self._index.remove(entry.path))
+        legacy = self.directory.parent / "instances"  # the diskcache store of nbiafs before 0.2
+        if legacy.is_dir():
+            shutil.rmtree(legacy, ignore_errors=True)
+        return removed
+
+    def evict_all(self) -> int:
+        """Remove this namespace's instances; returns how many were removed."""
+        self._index.scan()
+        removed = 0
+        for entry in self._index.entries():
+            removed += bool(self._index.remove(entry.path))
+        return removed
+
+    def contains(self, node: InstanceRef) -> bool:
+        if not node.series_uid or not node.sop_uid:
+            return False
+        return self._index.lookup(self._index.path_for(node.series_uid, node.sop_uid)) is not None
+
+    def volume(self) -> int:
+        """Bytes of the cached instances (every namespace)."""
+        return self._index.total
+
+    def stats(self) -> StoreStats:
+        return self._counters.snapshot()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NbiaError("the instance store is closed")
+
+
+def _ids(node: InstanceRef) -> tuple[str, str]:
+    if not node.series_uid or not node.sop_uid:
+        raise NbiaError(f"not an instance: {node!r}")
+    return node.series_uid, node.sop_uid
+
+
+def _md5_of_file(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _instance_number(stream: BinaryIO, sop_uid: str) -> int | None:
+    """InstanceNumber from a DICOM header, or None when absent or unreadable (logged)."""
+    try:
+        ds = pydicom.dcmread(stream, stop_before_pixels=True, specific_tags=["InstanceNumber"], force=True)
+        value = ds.get("InstanceNumber")
+        return int(value) if value not in (None, "") else None
+    except Exception as exc:  # noqa: BLE001 - a malformed header must not hide the file: it sorts last
+        log.info("no InstanceNumber in %s: %s", sop_uid, exc)
+        return None
+
+

@@ -1,0 +1,200 @@
+"""The pool that fetches ahead of readers, under one global budget (the policy is :mod:`.readahead`).
+
+Parts and their back-pressure:
+
+* a queue per series, the series kept in the order they were last wanted: workers always take from
+  the series a reader touched most recently, so the file a reader is about to open comes before
+  read-ahead of a series it left; a series nobody has wanted for ``stale_after`` seconds loses what it
+  still had queued (its reader went elsewhere);
+* the :class:`~.readahead.Budget`: a worker starts a fetch only while the bytes in flight and the bytes
+  fetched ahead but not opened yet stay within their bounds; otherwise it waits for a fetch to end or a
+  fetched-ahead file to be opened;
+* ``workers`` threads (started in :meth:`Prefetcher.start`, after the mount daemonized), each running
+  ``fetch(item)`` (the store's single-flight fetch, shared with opens); a fetch's failure is logged and
+  counted, never raised: the reader's own open asks again and gets the error.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+from .readahead import Budget
+
+log = logging.getLogger(__name__)
+
+#: A series not wanted for this long loses its queued read-ahead.
+STALE_AFTER = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One file to fetch ahead: its key (the store's), size (to budget) and what to fetch."""
+
+    key: Hashable
+    size: int
+    ref: Any
+
+
+class Prefetcher:
+    """Fetches queued items ahead of readers (see the module docstring). Thread-safe."""
+
+    def __init__(self, fetch: Callable[[Item], bool], *, workers: int, budget: Budget,
+                 stale_after: float = STALE_AFTER, clock: Callable[[], float] = time.monotonic) -> None:
+        self._fetch = fetch
+        self._workers = max(0, workers)
+        self.budget = budget
+        self._stale_after = stale_after
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._series: collections.OrderedDict[Hashable, collections.deque[Item]] = collections.OrderedDict()
+        self._wanted_at: dict[Hashable, float] = {}
+        self._queued: set[Hashable] = set()
+        self._running: set[Hashable] = set()
+        self._ahead: dict[Hashable, int] = {}  # fetched ahead, not opened yet: key -> bytes
+        self._threads: list[threading.Thread] = []
+        self._stopped = False
+        self.fetched = 0
+        self.failed = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        with self._cond:
+            if self._threads or self._stopped:
+                return
+            for n in range(self._workers):
+                thread = threading.Thread(target=self._work, name=f"nbiafs-prefetch-{n}", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+
+    @property
+    def running(self) -> bool:
+        with self._cond:
+            return bool(self._threads) and not self._stopped
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Drop what is queued and join the workers (a fetch in progress ends by the client's deadline, or
+        at once when the client was closed first)."""
+        with self._cond:
+            self._stopped = True
+            self._series.clear()
+            self._queued.clear()
+            self._cond.notify_all()
+            threads, self._threads = self._threads, []
+        for thread in threads:
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("a prefetch worker did not stop within %.0f s", timeout)
+
+    def idle(self, timeout: float) -> bool:
+        """Wait until nothing runs and nothing queued can start (all done, or what is left waits for the
+        budget: files fetched ahead to be opened); False when ``timeout`` passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._running and (not self._queued or self._blocked()), timeout)
+
+    def _blocked(self) -> bool:
+        """Whether the next queued item waits for the budget (lock held)."""
+        for series in reversed(self._series):
+            queue = self._series[series]
+            if queue:
+                return not self.budget.may_start(queue[0].size)
+        return False
+
+    # ------------------------------------------------------------------ what readers want
+    def want(self, series: Hashable, items: list[Item]) -> int:
+        """Queue ``items`` of ``series`` (skipping those queued or running); the series becomes the most
+        recent. Returns how many were queued."""
+        with self._cond:
+            if self._stopped or not self._threads:
+                return 0
+            now = self._clock()
+            self._wanted_at[series] = now
+            queue = self._series.get(series)
+            if queue is None:
+                queue = self._series[series] = collections.deque()
+            self._series.move_to_end(series)
+            added = 0
+            for item in items:
+                if item.key in self._queued or item.key in self._running or item.key in self._ahead:
+                    continue
+                queue.append(item)
+                self._queued.add(item.key)
+                added += 1
+            if added:
+                self._cond.notify_all()
+            return added
+
+    def touch(self, series: Hashable) -> None:
+        """A reader opened a file of ``series``: it is the most recent (even with nothing new to queue)."""
+        with self._cond:
+            self._wanted_at[series] = self._clock()
+            if series in self._series:
+                self._series.move_to_end(series)
+
+    def opened(self, key: Hashable) -> None:
+        """A file was opened: if it was fetched ahead, its bytes no longer count as ahead."""
+        with self._cond:
+            size = self._ahead.pop(key, None)
+            if size is not None:
+                self.budget.opened(size)
+                self._cond.notify_all()
+
+    def forget(self, key: Hashable) -> None:
+        """A file fetched ahead left the cache (evicted, dropped): it is no longer ahead."""
+        self.opened(key)
+
+    # ------------------------------------------------------------------ workers
+    def _next(self) -> Item | None:
+        """The next item to fetch, honouring recency, staleness and the budget (lock held)."""
+        now = self._clock()
+        for series in [s for s, at in self._wanted_at.items() if now - at > self._stale_after]:
+            for item in self._series.pop(series, ()):
+                self._queued.discard(item.key)
+            del self._wanted_at[series]
+        for series in reversed(self._series):  # most recent first
+            queue = self._series[series]
+            if not queue:
+                continue
+            item = queue[0]
+            if not self.budget.may_start(item.size):
+                return None  # over budget: wait for a fetch to end or a file to be opened
+            queue.popleft()
+            if not queue:
+                del self._series[series]
+            self._queued.discard(item.key)
+            return item
+        for series in [s for s, q in self._series.items() if not q]:
+            del self._series[series]
+        return None
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                item = None
+                while not self._stopped:
+                    item = self._next()
+                    if item is not None:
+                        break
+                    self._cond.wait(1.0 if self._queued else None)
+                if self._stopped or item is None:
+                    return
+                self._running.add(item.key)
+                self.budget.started(item.size)
+            kept = False
+            try:
+                kept = self._fetch(item)
+                self.fetched += 1
+            except Exception as exc:  # noqa: BLE001 - logged and counted; the reader's open asks again
+                self.failed += 1
+                log.info("prefetch of %s failed: %s", getattr(item.ref, "sop_uid", item.key), exc)
+            with self._cond:
+                self._running.discard(item.key)
+                self.budget.ended(item.size, kept)
+                if kept:
+                    self._ahead[item.key] = item.size
+                self._cond.notify_all()

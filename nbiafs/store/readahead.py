@@ -1,0 +1,88 @@
+"""Read-ahead that follows the reader: which files of a series to fetch before they are opened.
+
+The problem. A reader that walks a series (``cat *``, dcm2niix, a viewer) opens its files one after the
+other; fetched one at a time, each open waits a round trip to the server. Fetching the rest of the series
+as soon as one file is opened (what nbiafs did before) makes that fast, but a header scan (one file of
+each series: every DICOM indexer, ``dcmdump``, a PACS import) then downloads whole collections, and
+nothing bounded it across series.
+
+The policy, in two parts (mountpoint-s3's prefetcher is the model: a pure plan, a pool apart):
+
+* per series, :func:`plan` (pure, tested without threads): the first open of a series fetches that
+  file only. An open of the file right after the one opened before (the reader walks in order) grows
+  a window, doubling as the kernel's readahead does (2, 4, 8, ... up to the whole series), and asks
+  for the files ahead of it within the window. Any other open (random, backwards, one file per series)
+  shrinks the window back to nothing: little more than what is opened is ever fetched.
+* across series, the :class:`Budget`: one global bound on the bytes being fetched ahead at once and on
+  the bytes fetched ahead but not opened yet (a share of the cache, so read-ahead never evicts what is
+  being read); the scheduler (:mod:`.prefetcher`) serves the series opened most recently first and drops
+  what a series nobody has opened for ``stale_after`` seconds still had queued.
+
+When the window covers the rest of the series, the rest is fetched the fastest way this server gives:
+parallel ``getSingleImage`` on the pooled connections (measured against the series zip, see
+docs/performance.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: The first window a sequential reader gets, and the most it can grow to (files).
+FIRST_WINDOW = 2
+MAX_WINDOW = 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderState:
+    """How one series is being read: the last file opened (its position) and the read-ahead window."""
+
+    last: int
+    window: int
+    #: the highest position already asked for (so a growing window asks only for what is new)
+    asked: int
+
+
+def plan(state: ReaderState | None, opened: int, count: int, *, max_window: int = MAX_WINDOW) -> tuple[ReaderState, range]:
+    """The new state of a series after the file at position ``opened`` (of ``count``) was opened, and the
+    positions to fetch ahead now (those beyond what was asked before)."""
+    if state is None:
+        return ReaderState(opened, 0, opened), range(0)
+    if opened == state.last:  # the same file again (a reader that opens twice): nothing changes
+        return state, range(0)
+    if opened == state.last + 1:  # walking in order: the window grows
+        window = min(max(FIRST_WINDOW, state.window * 2), max_window, max(count - 1 - opened, 0))
+        start = max(opened + 1, state.asked + 1)
+        stop = min(opened + 1 + window, count)
+        asked = max(state.asked, stop - 1, opened)
+        return ReaderState(opened, window, asked), range(start, max(start, stop))
+    # a jump (random access, backwards, a second reader elsewhere): no read-ahead until it walks again
+    return ReaderState(opened, 0, opened), range(0)
+
+
+@dataclass(slots=True)
+class Budget:
+    """The global bounds of read-ahead: bytes in flight, and bytes fetched ahead but not opened yet."""
+
+    in_flight_limit: int
+    unread_limit: int
+    in_flight: int = 0
+    unread: int = 0
+
+    def may_start(self, size: int) -> bool:
+        """Whether a fetch of ``size`` bytes ahead fits now (one always fits when nothing is in flight)."""
+        if self.in_flight and self.in_flight + size > self.in_flight_limit:
+            return False
+        return self.unread + self.in_flight + size <= self.unread_limit or not (self.unread or self.in_flight)
+
+    def started(self, size: int) -> None:
+        self.in_flight += size
+
+    def ended(self, size: int, kept: bool) -> None:
+        """A fetch ahead ended; ``kept``: its bytes are in the cache, waiting to be opened."""
+        self.in_flight = max(0, self.in_flight - size)
+        if kept:
+            self.unread += size
+
+    def opened(self, size: int) -> None:
+        """A file fetched ahead was opened: its bytes are read, no longer ahead."""
+        self.unread = max(0, self.unread - size)

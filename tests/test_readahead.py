@@ -1,0 +1,67 @@
+"""The read-ahead policy without threads: the window per series and the global budget."""
+
+from __future__ import annotations
+
+from nbiafs.store.readahead import FIRST_WINDOW, Budget, ReaderState, plan
+
+
+def walk(count: int, opens: list[int]) -> list[list[int]]:
+    """The positions asked for after each open of ``opens`` (one series of ``count`` files)."""
+    state: ReaderState | None = None
+    asked = []
+    for position in opens:
+        state, ahead = plan(state, position, count)
+        asked.append(list(ahead))
+    return asked
+
+
+def test_the_first_open_of_a_series_fetches_that_file_only() -> None:
+    assert walk(200, [0]) == [[]]
+    assert walk(200, [57]) == [[]]
+
+
+def test_a_reader_walking_in_order_grows_a_doubling_window_up_to_the_whole_series() -> None:
+    asked = walk(200, list(range(12)))
+    assert asked[0] == [] and asked[1] == [2, 3]  # the first window: FIRST_WINDOW files ahead
+    assert len(asked[1]) == FIRST_WINDOW
+    ahead_of = [max(a) if a else None for a in asked]
+    assert ahead_of[2] == 6 and ahead_of[3] == 11 and ahead_of[4] == 20 and ahead_of[5] == 37  # 2, 4, 8, 16, 32
+    flat = [p for a in asked for p in a]
+    assert len(flat) == len(set(flat))  # nothing is asked twice
+    everything = walk(200, list(range(200)))
+    assert sorted(p for a in everything for p in a) == list(range(2, 200))  # in the end: the whole series
+
+
+def test_random_or_backwards_access_fetches_nothing_ahead() -> None:
+    assert walk(200, [5, 90, 3, 150, 149, 20]) == [[]] * 6
+    assert walk(200, [10, 11, 40]) [2] == []  # a jump after a short walk resets the window
+    state, ahead = plan(ReaderState(10, 8, 30), 40, 200)
+    assert list(ahead) == [] and state.window == 0
+
+
+def test_opening_the_same_file_again_changes_nothing() -> None:
+    state, _ = plan(None, 3, 10)
+    state, _ = plan(state, 4, 10)
+    again, ahead = plan(state, 4, 10)
+    assert again == state and list(ahead) == []
+
+
+def test_the_window_stops_at_the_end_of_the_series() -> None:
+    asked = walk(5, [0, 1, 2, 3, 4])
+    assert [p for a in asked for p in a] == [2, 3, 4]
+
+
+def test_the_budget_bounds_bytes_in_flight_and_bytes_ahead_unread() -> None:
+    budget = Budget(in_flight_limit=10, unread_limit=20)
+    assert budget.may_start(8)
+    budget.started(8)
+    assert not budget.may_start(5)  # 13 > 10 in flight
+    budget.ended(8, kept=True)
+    assert budget.may_start(5)
+    budget.started(5)
+    budget.ended(5, kept=True)
+    assert budget.unread == 13 and not budget.may_start(9)  # 22 > 20 fetched ahead, not read
+    budget.opened(8)
+    assert budget.may_start(9)
+    empty = Budget(in_flight_limit=10, unread_limit=20)
+    assert empty.may_start(1000)  # one file always fits when nothing else is ahead: big files still stream
