@@ -362,8 +362,8 @@ def cold_zip(run: Run, emu: EmulatorProcess, series: Any, instances: Sequence[An
     return seconds, traffic.image_bytes()
 
 
-def cold_mount(run: Run, emu: EmulatorProcess, archive: Any, total: int, key: str, rep: int) -> float:
-    """One cold read through a fresh mount: every file in name order, 1 MiB reads; its seconds."""
+def cold_mount(run: Run, emu: EmulatorProcess, archive: Any, total: int, key: str, rep: int) -> tuple[float, Traffic]:
+    """One cold read through a fresh mount: every file in name order, 1 MiB reads; its seconds and traffic."""
     with run.mount(emu, run.fresh(f"cold-cache-{key}-{rep}"), f"cold {key} {rep + 1}", "cold") as m:
         _, _, pairs = one_series(m, archive)  # listing: untimed, as dcm2niix lists first
         before = emu.traffic()
@@ -372,7 +372,7 @@ def cold_mount(run: Run, emu: EmulatorProcess, archive: Any, total: int, key: st
     check_files(run, pairs, data, f"cold read ({key})")
     run.note("cold", f"({key}) mount {rep + 1}: {seconds:.3f} s, {total / seconds / 1e6:.1f} MB/s; "
                      f"{traffic.describe()}")
-    return seconds
+    return seconds, traffic
 
 
 def scenario_cold(run: Run) -> None:
@@ -385,7 +385,7 @@ def scenario_cold(run: Run) -> None:
     with run.emulator("ct200") as emu:
         for key, label, caps, limit in shapes:
             applied = emu.shape(latency=run.latency, **caps)
-            mount_s, zip_s, zip_wire = [], [], []
+            mount_s, zip_s, zip_wire, fetches = [], [], [], []
             for rep in range(run.repeat):
                 order = ("zip", "mount") if rep % 2 == 0 else ("mount", "zip")
                 for step in order:
@@ -394,12 +394,18 @@ def scenario_cold(run: Run) -> None:
                         zip_s.append(seconds)
                         zip_wire.append(wire)
                     else:
-                        mount_s.append(cold_mount(run, emu, archive, total, key, rep))
+                        seconds, traffic = cold_mount(run, emu, archive, total, key, rep)
+                        mount_s.append(seconds)
+                        fetches.append(traffic.calls["getSingleImage"])
             run.add(name, f"({key}) mount cold read, {label}", mount_s, "s",
                     target=Target("<=", limit, "ratio", f"<= {limit:g}x zip"), baselines=zip_s, baseline_name="zip",
                     note=f"emulator shaping {applied}")
             run.add(name, f"({key}) mount throughput", [total / s for s in mount_s], "B/s",
                     baselines=[total / s for s in zip_s], baseline_name="zip")
+            run.add(name, f"({key}) getSingleImage calls", fetches, "n", baselines=[len(instances)],
+                    baseline_name="instances",
+                    note="more calls than instances: some instance was fetched twice" if max(fetches) > len(instances)
+                    else "")
             if "link" in caps:
                 link_s = total / caps["link"]
                 run.add(name, f"({key}) mount against the link limit", mount_s, "s", baselines=[link_s],
@@ -767,6 +773,19 @@ def git_facts() -> dict[str, str]:
             "dirty": "yes" if git("status", "--porcelain", "--untracked-files=no") else "no"}
 
 
+def _glue_mount_args(argv: list[str]) -> list[str]:
+    """``--mount-args "--no-prefetch"`` as ``--mount-args=--no-prefetch``: argparse takes a value that starts
+    with a dash for another option otherwise."""
+    out = []
+    items = iter(argv)
+    for item in items:
+        if item == "--mount-args":
+            out.append(f"--mount-args={next(items, '')}")
+        else:
+            out.append(item)
+    return out
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -785,7 +804,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--picks", type=int, default=None, help="files each reader reads (default 40, quick 10)")
     parser.add_argument("--seed", type=int, default=7, help="random seed of the readers' picks")
     parser.add_argument("--keep", action="store_true", help="keep the run's work dir (caches, logs)")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_glue_mount_args(list(sys.argv[1:] if argv is None else argv)))
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     if not set(args.shapes) <= {"a", "b", "c"}:
