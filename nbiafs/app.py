@@ -103,7 +103,8 @@ def build_layers(settings: Settings, password: str = "") -> Layers:
 
     store = InstanceStore(client, settings.cache_dir, size_limit=settings.cache_size,
                           namespace=settings.namespace, offline=settings.offline, workers=settings.workers,
-                          wait_timeout=settings.deadline + WAIT_MARGIN, on_size_mismatch=on_size_mismatch)
+                          wait_timeout=settings.deadline + WAIT_MARGIN, on_size_mismatch=on_size_mismatch,
+                          series_zip=settings.series_zip and settings.prefetch)
     # Without a drill-down, exact sizes are learned by fetching: store.probe.
     scope = None
     if settings.manifest is not None:

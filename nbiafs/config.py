@@ -96,6 +96,7 @@ class Settings:
     layout: str = _d("layout")
     foreground: bool = _d("foreground")
     prefetch: bool = _d("prefetch")
+    series_zip: bool = _d("series_zip")
     metadata_files: bool = _d("metadata_files")
     walk_ahead: bool = _d("walk_ahead")
     allow_other: bool = _d("allow_other")

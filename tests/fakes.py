@@ -226,6 +226,9 @@ class FakeNbiaClient:
         self._gates: dict[str, list[Gate]] = {}
         self.absent_routes: set[str] = set()
         self._bodies: dict[str, BodyPlan] = {}
+        self.zip_break_at: int | None = None  # the series zip breaks off in this member (position)
+        self.zip_md5s: dict[str, str] = {}  # md5hashes.csv says these (by SOP UID) instead of the true ones
+        self.zip_members_sent = 0
 
     # -- test controls ------------------------------------------------------------------------
     def fail(self, method: str, error: BaseException | type[BaseException] | Callable[[], BaseException],
@@ -356,16 +359,34 @@ class FakeNbiaClient:
 
     def image_zip(self, series_uid: str, *, new_file_names: bool = False, include_md5: bool = False,
                   expected_count: int | None = None) -> Iterator[tuple[ZipMember | str, Iterator[bytes]]]:
+        """The series zip: LICENSE, the members in InstanceNumber order, md5hashes.csv with
+        ``include_md5`` (``zip_md5s`` overrides hashes; ``zip_break_at`` breaks the stream in the middle of
+        that member with a ProtocolError)."""
         self._enter("image_zip", series_uid, new_file_names, expected_count)
         ordered = sorted(self.archive.instances_of(series_uid),
                          key=lambda i: (i.number is None, i.number or 0, i.sop_uid))
+        break_at = self.zip_break_at
 
         def members() -> Iterator[tuple[ZipMember | str, Iterator[bytes]]]:
-            yield "LICENSE", iter([LICENSE_TEXT])
+            yield ZipMember("LICENSE", len(LICENSE_TEXT)), iter([LICENSE_TEXT])
+            names = []
             for pos, inst in enumerate(ordered, start=1):
                 blob = self.archive.data[inst.sop_uid]
                 name = f"1-{pos:03d}.dcm" if new_file_names else f"{pos:08d}.dcm"
-                yield ZipMember(name, len(blob)), iter([blob])
+                names.append((name, inst.sop_uid))
+                self.zip_members_sent += 1
+                if break_at is not None and pos - 1 == break_at:
+                    def broken(blob: bytes = blob) -> Iterator[bytes]:
+                        yield blob[: len(blob) // 2]
+                        raise ProtocolError(f"getImage for series {series_uid}: the zip broke off")
+                    yield ZipMember(name, len(blob)), broken()
+                    return
+                yield ZipMember(name, len(blob)), iter([blob[:3000], blob[3000:]])
+            if include_md5:
+                rows = ["Filename,MD5Hash"] + [
+                    f"{name},{self.zip_md5s.get(sop, hashlib.md5(self.archive.data[sop]).hexdigest())}"
+                    for name, sop in names]
+                yield ZipMember("md5hashes.csv", -1), iter([("\n".join(rows) + "\n").encode()])
 
         return members()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nbiafs.store.readahead import FIRST_WINDOW, Budget, ReaderState, plan
+from nbiafs.store.readahead import FIRST_WINDOW, Budget, ReaderState, plan, wants_zip, zip_limit
 
 
 def walk(count: int, opens: list[int]) -> list[list[int]]:
@@ -65,3 +65,42 @@ def test_the_budget_bounds_bytes_in_flight_and_bytes_ahead_unread() -> None:
     assert budget.may_start(9)
     empty = Budget(in_flight_limit=10, unread_limit=20)
     assert empty.may_start(1000)  # one file always fits when nothing else is ahead: big files still stream
+
+
+# ------------------------------------------------------------------ the series zip
+def _walk(positions, count=200):
+    state = None
+    states = []
+    for p in positions:
+        before = state
+        state, _ahead = plan(state, p, count)
+        states.append((before, state))
+    return states
+
+
+def test_the_zip_is_wanted_when_a_reader_starts_walking_from_the_start():
+    (_, s0), (b1, s1) = _walk([0, 1])
+    assert wants_zip(b1, s1, 200, rest_bytes=1000, byte_limit=10_000)
+    assert not wants_zip(None, s0, 200, rest_bytes=1000, byte_limit=10_000)  # a first open: not yet
+
+
+def test_the_zip_is_not_wanted_from_the_middle_for_short_series_cached_files_or_over_budget():
+    (_, _), (b, s) = _walk([100, 101])
+    assert not wants_zip(b, s, 200, rest_bytes=1000, byte_limit=10_000)  # from the middle
+    (_, _), (b, s) = _walk([0, 1], count=10)
+    assert not wants_zip(b, s, 10, rest_bytes=1000, byte_limit=10_000)  # nine files: singles alone
+    (_, _), (b, s) = _walk([0, 1])
+    assert not wants_zip(b, s, 200, cached_ahead=1, rest_bytes=1000, byte_limit=10_000)
+    assert not wants_zip(b, s, 200, rest_bytes=20_000, byte_limit=10_000)  # more than the budget
+
+
+def test_the_zip_is_wanted_once_when_the_window_opens_not_at_every_step():
+    states = _walk([0, 1, 2, 3])
+    assert [wants_zip(b, s, 200, rest_bytes=1, byte_limit=10) for b, s in states] == [False, True, False, False]
+
+
+def test_the_zip_limit_is_the_end_of_the_window_and_the_byte_budget():
+    (_, _), (_, s) = _walk([0, 1])  # window 2: positions 2 and 3 asked
+    assert zip_limit(s, [100] * 200, 10_000) == 4
+    assert zip_limit(s, [100] * 200, 150) == 3  # only one file's bytes past the reader
+    assert zip_limit(s, [100] * 200, 0) == 3  # the next file always may come

@@ -453,6 +453,7 @@ def test_evict_all_removes_only_this_namespace(make_store, client):
 
 
 # ------------------------------------------------------------------ read-ahead
+# (by single images: the series zip, which joins in for readers from a series' start, is tested below)
 def test_the_first_open_of_a_series_fetches_that_file_only(make_store, client):
     store = make_store()
     read_all(store, SIBLINGS[0])
@@ -462,7 +463,7 @@ def test_the_first_open_of_a_series_fetches_that_file_only(make_store, client):
 
 
 def test_a_reader_walking_in_order_is_read_ahead_of_and_each_file_is_fetched_once(make_store, client):
-    store = make_store()
+    store = make_store(series_zip=False)
     for n in SIBLINGS[:30]:
         read_all(store, n)
         store.on_open(n, SIBLINGS)
@@ -492,7 +493,7 @@ def test_read_ahead_is_bounded_by_a_share_of_the_cache(make_store, client):
 
 
 def test_an_open_joins_a_read_ahead_in_flight(make_store, client):
-    store = make_store()
+    store = make_store(series_zip=False)
     for n in SIBLINGS[:3]:
         read_all(store, n)
         store.on_open(n, SIBLINGS)
@@ -503,7 +504,7 @@ def test_an_open_joins_a_read_ahead_in_flight(make_store, client):
 
 
 def test_close_drops_queued_read_ahead_and_joins_the_workers(make_store, client):
-    store = make_store(workers=1)
+    store = make_store(workers=1, series_zip=False)
     gate = client.gate("single_image", match=lambda series, sop, size: sop == SIBLINGS[2].sop_uid)
     read_all(store, SIBLINGS[0])
     store.on_open(SIBLINGS[0], SIBLINGS)
@@ -518,7 +519,7 @@ def test_close_drops_queued_read_ahead_and_joins_the_workers(make_store, client)
 
 
 def test_read_ahead_errors_are_counted_and_not_remembered(make_store, client):
-    store = make_store()
+    store = make_store(series_zip=False)
     client.fail("single_image", RemoteNotFoundError("500"), match=lambda s, sop, z: sop == SIBLINGS[2].sop_uid,
                 times=1)
     for n in SIBLINGS[:2]:
@@ -532,6 +533,101 @@ def test_read_ahead_errors_are_counted_and_not_remembered(make_store, client):
 def test_read_ahead_before_start_does_nothing(make_store, client):
     store = make_store(start=False)
     assert store.prefetch(SIBLINGS[:5]) == 0
+
+
+# ------------------------------------------------------------------ the series zip
+def zips(client: FakeNbiaClient) -> int:
+    return sum(1 for method, _args in list(client.call_log) if method == "image_zip")
+
+
+def walk(store: InstanceStore, client: FakeNbiaClient, positions) -> None:
+    for i in positions:
+        assert read_all(store, SIBLINGS[i]) == body(client, SIBLINGS[i])
+        store.on_open(SIBLINGS[i], SIBLINGS)
+
+
+def test_a_series_read_from_its_start_comes_through_its_zip_and_singles_each_file_once(make_store, client):
+    store = make_store(workers=2)
+    walk(store, client, range(N_INSTANCES))
+    assert store.wait_prefetched(WAIT)
+    stats = store.stats()
+    assert zips(client) == 1 and stats.zips == 1
+    assert stats.zip_files > 0
+    # no instance came twice: what the zip wrote was never fetched alone, and the other way round
+    assert fetches(client) + stats.zip_files == N_INSTANCES
+    assert all(fetches(client, n) <= 1 for n in SIBLINGS)
+
+
+def test_the_zip_goes_no_further_than_the_read_ahead_window(make_store, client):
+    store = make_store(workers=1)
+    gate = client.gate("single_image", match=lambda series, sop, size: sop == SIBLINGS[3].sop_uid)
+    walk(store, client, range(2))  # window 2: files 2 and 3; the single worker is held on 3
+    assert wait_for(lambda: store.contains(SIBLINGS[2]))
+    assert client.zip_members_sent <= 5  # the zip waits at the window's end (positions 0-3, then one)
+    assert not any(store.contains(n) for n in SIBLINGS[4:])
+    gate.release()
+    assert store.wait_prefetched(WAIT)
+    assert not any(store.contains(n) for n in SIBLINGS[4:])
+
+
+def test_no_zip_for_a_header_scan_random_access_or_a_reader_from_the_middle(make_store, client):
+    store = make_store()
+    walk(store, client, (0, 50, 3, 120, 77))
+    walk(store, client, range(100, 110))
+    assert store.wait_prefetched(WAIT)
+    assert zips(client) == 0
+
+
+def test_no_zip_for_a_series_whose_next_files_are_cached(make_store, client):
+    store = make_store()
+    walk(store, client, (5, 6, 7))  # cached by an earlier reader
+    store.close()
+    store = make_store()
+    walk(store, client, range(4))
+    assert store.wait_prefetched(WAIT)
+    assert zips(client) == 0
+
+
+def test_files_from_the_zip_carry_the_servers_md5_and_a_mismatch_is_dropped(make_store, client):
+    bad = SIBLINGS[150]
+    client.zip_md5s[bad.sop_uid] = "0" * 32
+    # single images of the rest fail at once (and are not asked again): the zip brings all of it
+    client.fail("single_image", RemoteNotFoundError("500"), match=lambda s, sop, z: int(sop.rsplit(".", 1)[1]) >= 10)
+    store = make_store(workers=1)
+    walk(store, client, range(10))
+    assert wait_for(lambda: not store._zips)  # the zip read to its end, md5hashes.csv included
+    client.clear_failures()
+    from_zip = [n for n in SIBLINGS if store.md5_of(n) is not None]
+    assert from_zip, "no file of the zip got the server's md5"
+    assert all(store.md5_of(n) == hashlib.md5(body(client, n)).hexdigest() for n in from_zip)
+    if fetches(client, bad) == 0:  # the zip wrote it: the md5 list dropped it
+        assert not store.contains(bad) and store.stats().md5_mismatches == 1
+    assert read_all(store, bad) == body(client, bad)
+
+
+def test_a_zip_that_breaks_off_leaves_every_file_readable(make_store, client):
+    client.zip_break_at = 12
+    store = make_store(workers=2)
+    walk(store, client, range(N_INSTANCES))
+    assert store.wait_prefetched(WAIT)
+    assert zips(client) == 1
+    assert all(fetches(client, n) <= 1 for n in SIBLINGS)
+
+
+def test_close_stops_a_zip_waiting_for_its_reader(make_store, client):
+    store = make_store(workers=1)
+    walk(store, client, range(3))
+    assert store.wait_prefetched(WAIT)
+    assert store._zips  # waiting at the end of the window
+    store.close()
+    assert not [t for t in threading.enumerate() if t.name == "nbiafs-zip" and t.is_alive()]
+
+
+def test_the_zip_can_be_turned_off(make_store, client):
+    store = make_store(series_zip=False)
+    walk(store, client, range(40))
+    assert store.wait_prefetched(WAIT)
+    assert zips(client) == 0
 
 
 # ------------------------------------------------------------------ probe

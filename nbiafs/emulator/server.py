@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import weakref
@@ -77,6 +78,14 @@ class _Server(ThreadingHTTPServer):
         finally:
             with self._conn_lock:
                 self._conns.pop(request, None)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up (a zip read only in part, a reader killed) is normal: logged, no trace."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError, TimeoutError)):
+            log.debug("connection from %s closed by the client: %s", client_address, exc)
+            return
+        super().handle_error(request, client_address)
 
     def close_connections(self, timeout: float) -> None:
         with self._conn_lock:

@@ -9,6 +9,7 @@ One job per module:
 * :mod:`.handles`: open instances (a complete file, or one still arriving);
 * :mod:`.readahead`: the policy (which files to fetch before they are opened) and its global budget;
 * :mod:`.prefetcher`: the pool that fetches ahead, most recently read series first;
+* :mod:`.zipfetch`: a series read through its ``getImage`` zip, feeding the cache in reading order;
 * this module: :class:`InstanceStore`, which ties them together, and the bulk jobs of the commands
   (:meth:`InstanceStore.ensure`, :meth:`InstanceStore.verify_all`, :meth:`InstanceStore.info`).
 
@@ -32,6 +33,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -46,7 +48,8 @@ from .download import MEMORY_LIMIT, Download
 from .handles import DownloadHandle, FileHandle, HandleTable
 from .index import OBJECTS, CacheIndex, Digests
 from .prefetcher import Item, Prefetcher
-from .readahead import Budget, ReaderState, plan
+from .readahead import ZIP_MIN_REST, Budget, ReaderState, plan, wants_zip, zip_limit
+from .zipfetch import ZipFetch
 
 if TYPE_CHECKING:
     from ..client import NbiaClient
@@ -69,6 +72,8 @@ WAIT_MARGIN = 15.0
 TOUCH_FLUSH = 30.0
 #: Read-ahead state is kept for this many series (the most recently read).
 READERS = 10_000
+#: Series zips read at once, at most (the Data Retriever downloads 2 series at once).
+ZIPS = 2
 
 
 class InstanceRef(Protocol):
@@ -105,6 +110,8 @@ class StoreStats:
     size_mismatches: int = 0  # complete bodies of another length than the metadata said
     md5_mismatches: int = 0  # bodies whose md5 was not the server's
     fetch_errors: int = 0
+    zips: int = 0  # series zips started
+    zip_files: int = 0  # instances written from a series zip
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +175,8 @@ class InstanceStore:
     def __init__(self, client: NbiaClient | None, cache_dir: Path, *, size_limit: int, namespace: str,
                  offline: bool = False, workers: int = 8, wait_timeout: float | None = None,
                  on_size_mismatch: Callable[[InstanceRef, int], None] | None = None,
-                 read_ahead_share: float = READ_AHEAD_SHARE, in_flight_limit: int = IN_FLIGHT_LIMIT) -> None:
+                 read_ahead_share: float = READ_AHEAD_SHARE, in_flight_limit: int = IN_FLIGHT_LIMIT,
+                 series_zip: bool = True) -> None:
         if size_limit <= 0:
             raise ConfigError("the instance cache size limit must be positive")
         if workers < 0:
@@ -198,6 +206,9 @@ class InstanceStore:
         self._readers: cachetools.LRUCache[str, ReaderState] = cachetools.LRUCache(READERS)
         self._positions: cachetools.LRUCache[str, tuple[Sequence[Any], dict[str, int]]] = cachetools.LRUCache(256)
         self._workers = max(1, workers)
+        self._series_zip = series_zip and not offline and workers > 0
+        self._zips: dict[str, ZipFetch] = {}
+        self._zip_bytes = int(size_limit * read_ahead_share)
         self._prefetcher = Prefetcher(self._fetch_ahead, workers=0 if offline else workers,
                                       budget=Budget(in_flight_limit, int(size_limit * read_ahead_share)))
         self._stop = threading.Event()
@@ -222,6 +233,13 @@ class InstanceStore:
             if self._closed:
                 return
             self._closed = True
+        with self._lock:
+            zips = list(self._zips.values())
+        for zf in zips:
+            zf.stop()
+        for zf in zips:
+            if not zf.done.wait(30):
+                log.warning("the zip of series %s did not stop within 30 s", zf.series_uid)
         self._prefetcher.stop()
         self._stop.set()
         if self._background is not None:
@@ -325,9 +343,18 @@ class InstanceStore:
         if position is None:
             return 0
         with self._lock:
-            state, ahead = plan(self._readers.get(series_uid), position, len(siblings))
+            before = self._readers.get(series_uid)
+            state, ahead = plan(before, position, len(siblings))
             self._readers[series_uid] = state
+            zf = self._zips.get(series_uid)
         self._prefetcher.touch(series_uid)
+        if zf is None and self._series_zip and before is not None and before.window == 0 and state.window:
+            sizes = [max(int(f.size or 0), 0) for f in siblings]
+            if wants_zip(before, state, len(siblings), cached_ahead=self._cached_ahead(siblings, position),
+                         rest_bytes=sum(sizes[position + 1:]), byte_limit=self._zip_bytes):
+                zf = self._start_zip(series_uid, siblings)
+        if zf is not None:
+            zf.allow(zip_limit(state, [max(int(f.size or 0), 0) for f in siblings], self._zip_bytes))
         if not ahead:
             return 0
         items = []
@@ -337,7 +364,7 @@ class InstanceStore:
             path = self._index.path_for(f.series_uid, f.sop_uid)
             if self._index.lookup(path) is None:
                 items.append(Item(path, max(int(f.size or 0), 0), f))
-        return self._prefetcher.want(series_uid, items)
+        return self._prefetcher.want(series_uid, items, from_end=zf is not None)
 
     def prefetch(self, nodes: Iterable[InstanceRef]) -> int:
         """Fetch ``nodes`` in the background (skipping what is cached); returns how many were queued."""
@@ -351,8 +378,17 @@ class InstanceStore:
         return sum(self._prefetcher.want(series, items) for series, items in by_series.items())
 
     def wait_prefetched(self, timeout: float) -> bool:
-        """Wait until no read-ahead is queued or running; False when ``timeout`` passed first."""
-        return self._prefetcher.idle(timeout)
+        """Wait until no read-ahead is queued or running and every series zip waits for its reader (or
+        ended); False when ``timeout`` passed first."""
+        end = time.monotonic() + timeout
+        if not self._prefetcher.idle(timeout):
+            return False
+        with self._lock:
+            zips = list(self._zips.values())
+        for zf in zips:
+            if not zf.wait_idle(max(0.0, end - time.monotonic())):
+                return False
+        return self._prefetcher.idle(max(0.0, end - time.monotonic()))
 
     def wait_fetched(self, timeout: float, node: InstanceRef | None = None) -> bool:
         """Wait until no fetch (of ``node``, or at all) is in flight: each recorded in the index, or failed."""
@@ -371,6 +407,85 @@ class InstanceStore:
             self._positions[series_uid] = (siblings, positions)
         return positions
 
+    # ----------------------------------------------------------------- the series zip
+    def _cached_ahead(self, siblings: Sequence[InstanceRef], position: int) -> int:
+        ahead = siblings[position + 1:position + 1 + ZIP_MIN_REST]
+        return sum(1 for f in ahead if f.series_uid and f.sop_uid
+                   and self._index.lookup(self._index.path_for(f.series_uid, f.sop_uid)) is not None)
+
+    def _start_zip(self, series_uid: str, siblings: Sequence[InstanceRef]) -> ZipFetch | None:
+        client = self._client
+        if client is None:
+            return None
+        files = [f for f in siblings if f.series_uid and f.sop_uid]
+        with self._lock:
+            if self._closed or series_uid in self._zips or len(self._zips) >= ZIPS:
+                return self._zips.get(series_uid)
+            zf = ZipFetch(series_uid=series_uid, files=files,
+                          open_zip=lambda: client.image_zip(series_uid, include_md5=True),
+                          skip=self._claimed, deliver=self._deliver_from_zip, record_md5=self._record_zip_md5)
+            self._zips[series_uid] = zf
+        self._counters.add("zips")
+        threading.Thread(target=self._run_zip, args=(zf,), name="nbiafs-zip", daemon=True).start()
+        return zf
+
+    def _run_zip(self, zf: ZipFetch) -> None:
+        try:
+            zf.run()
+        finally:
+            with self._lock:
+                if self._zips.get(zf.series_uid) is zf:
+                    del self._zips[zf.series_uid]
+            log.debug("zip of series %s: %d files written, %d went by", zf.series_uid, zf.delivered, zf.skipped)
+
+    def _claimed(self, node: InstanceRef) -> bool:
+        """Whether ``node`` is cached or being fetched (the zip lets its member go by)."""
+        path = self._index.path_for(*_ids(node))
+        with self._lock:
+            if path in self._downloads:
+                return True
+        return self._index.lookup(path) is not None
+
+    def _deliver_from_zip(self, node: InstanceRef, member: Any) -> bool | None:
+        """Fetch ``node`` with the zip ``member`` as its body (in the zip's thread); a body that breaks
+        off is fetched again alone. None when another fetch claimed it first."""
+        path = self._index.path_for(*_ids(node))
+        joined = self._join_or_start(path, node)
+        if joined is None or not joined[1]:
+            return None
+        download = joined[0]
+        download.via_zip = True
+        if member.length is None:
+            member.length = download.expected_size
+        client = self._client
+        assert client is not None
+        bodies = iter([member])
+
+        def body() -> Any:
+            first = next(bodies, None)
+            return first if first is not None else client.open_single_image(download.series_uid, download.sop_uid)
+
+        self._run(path, download, body)
+        if download.ok and download.on_disk:
+            self._counters.add("zip_files")
+            self._prefetcher.note_ahead(path, int(download.length or 0))
+            return True
+        return False
+
+    def _record_zip_md5(self, node: InstanceRef, md5: str) -> None:
+        """The zip's ``md5hashes.csv`` gave the server's md5 of a file it wrote: keep it, or drop the file."""
+        path = self._index.path_for(*_ids(node))
+        if self._index.lookup(path) is None:
+            return
+        digests = self._index.digests(path)
+        if digests.fetched is not None and digests.fetched != md5:
+            log.warning("%s from the series zip is not the server's file (md5 %s, the server says %s): dropped",
+                        node.sop_uid, digests.fetched, md5)
+            self._counters.add("md5_mismatches")
+            self._index.remove(path)
+            return
+        self._index.set_digests(path, Digests(digests.fetched, md5, digests.length))
+
     def _fetch_ahead(self, item: Item) -> bool:
         """A read-ahead worker's fetch (in its own thread); True when it fetched the file into the cache."""
         path = str(item.key)
@@ -380,8 +495,9 @@ class InstanceStore:
         if joined is None:
             return False
         download, leader = joined
-        if not leader:  # an open (or another worker) fetches it already
-            download.wait_for(1 << 62, self._stall)
+        if not leader:  # an open, another worker or the zip fetches it already
+            if not download.via_zip:  # (the zip brings it in its turn: this worker has better to do)
+                download.wait_for(1 << 62, self._stall)
             return False
         self._run(path, download)
         if download.error is not None:
@@ -414,13 +530,15 @@ class InstanceStore:
             self._downloads[path] = download
             return download, True
 
-    def _run(self, path: str, download: Download) -> None:
-        """Fetch ``download`` in this thread; record it in the cache index when it is complete."""
+    def _run(self, path: str, download: Download, body: Callable[[], Any] | None = None) -> None:
+        """Fetch ``download`` in this thread (``body``: its stream, by default ``getSingleImage``); record
+        it in the cache index when it is complete."""
         client = self._client
         assert client is not None
-        self._counters.add("fetches")
+        if body is None:
+            self._counters.add("fetches")
         try:
-            download.run(lambda: client.open_single_image(download.series_uid, download.sop_uid))
+            download.run(body or (lambda: client.open_single_image(download.series_uid, download.sop_uid)))
             self._record(path, download)
         finally:
             with self._lock:

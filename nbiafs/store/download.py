@@ -61,6 +61,7 @@ class Download:
         self._attempts = 0
         self._fd: int | None = None  # the part file, open for writing during an attempt
         self.disk_refused: OSError | None = None
+        self.via_zip = False  # the body comes from a series zip (read-ahead leaves it to the zip)
 
     # ------------------------------------------------------------------ the fetching thread
     def run(self, open_stream: Callable[[], Any]) -> None:

@@ -106,9 +106,10 @@ class Prefetcher:
         return False
 
     # ------------------------------------------------------------------ what readers want
-    def want(self, series: Hashable, items: list[Item]) -> int:
+    def want(self, series: Hashable, items: list[Item], *, from_end: bool = False) -> int:
         """Queue ``items`` of ``series`` (skipping those queued or running); the series becomes the most
-        recent. Returns how many were queued."""
+        recent. ``from_end``: fetch them last first, before what the series had queued (the zip takes
+        the window from its start). Returns how many were queued."""
         with self._cond:
             if self._stopped or not self._threads:
                 return 0
@@ -122,7 +123,10 @@ class Prefetcher:
             for item in items:
                 if item.key in self._queued or item.key in self._running or item.key in self._ahead:
                     continue
-                queue.append(item)
+                if from_end:
+                    queue.appendleft(item)
+                else:
+                    queue.append(item)
                 self._queued.add(item.key)
                 added += 1
             if added:
@@ -143,6 +147,13 @@ class Prefetcher:
             if size is not None:
                 self.budget.opened(size)
                 self._cond.notify_all()
+
+    def note_ahead(self, key: Hashable, size: int) -> None:
+        """A file fetched ahead another way (the series zip) waits to be opened: it counts in the budget."""
+        with self._cond:
+            if key not in self._ahead:
+                self._ahead[key] = size
+                self.budget.unread += size
 
     def forget(self, key: Hashable) -> None:
         """A file fetched ahead left the cache (evicted, dropped): it is no longer ahead."""

@@ -18,18 +18,26 @@ The policy, in two parts (mountpoint-s3's prefetcher is the model: a pure plan, 
   being read); the scheduler (:mod:`.prefetcher`) serves the series opened most recently first and drops
   what a series nobody has opened for ``stale_after`` seconds still had queued.
 
-When the window covers the rest of the series, the rest is fetched the fastest way this server gives:
-parallel ``getSingleImage`` on the pooled connections (measured against the series zip, see
-docs/performance.md).
+How the window is fetched (measured, see docs/performance.md): by parallel ``getSingleImage`` on the
+pooled connections, and, for a reader that walks a series from near its start (:func:`wants_zip`),
+also by the series' ``getImage`` zip, which brings the files in reading order on one connection,
+compressed and without a round trip per file, while the singles take the window from its far end
+backwards. The zip never runs past the window (:func:`zip_limit`): what nobody reads is not fetched
+that way either.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 #: The first window a sequential reader gets, and the most it can grow to (files).
 FIRST_WINDOW = 2
 MAX_WINDOW = 1 << 16
+#: A series gets its zip when its reader walks on from one of its first ZIP_NEAR_START files ...
+ZIP_NEAR_START = 4
+#: ... and at least this many files follow (a short series is as fast by singles alone).
+ZIP_MIN_REST = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +65,29 @@ def plan(state: ReaderState | None, opened: int, count: int, *, max_window: int 
         return ReaderState(opened, window, asked), range(start, max(start, stop))
     # a jump (random access, backwards, a second reader elsewhere): no read-ahead until it walks again
     return ReaderState(opened, 0, opened), range(0)
+
+
+def wants_zip(before: ReaderState | None, after: ReaderState, count: int, *, cached_ahead: int = 0,
+              rest_bytes: int = 0, byte_limit: int = 0) -> bool:
+    """Whether the series' zip should be read for this reader: it just started walking in order (its
+    window opened), from near the start, with enough files after it, none of the next ones cached
+    (``cached_ahead``: how many of the next :data:`ZIP_MIN_REST` are), and the rest of the series
+    (``rest_bytes``) within the read-ahead budget (``byte_limit``): the zip and the singles then share
+    the series between them, and neither waits on the other's unread files."""
+    return (before is not None and before.window == 0 and after.window > 0 and after.last < ZIP_NEAR_START
+            and count - 1 - after.last >= ZIP_MIN_REST and cached_ahead == 0 and rest_bytes <= byte_limit)
+
+
+def zip_limit(state: ReaderState, sizes: Sequence[int], byte_limit: int) -> int:
+    """The position (exclusive) up to which the zip may deliver: the end of the window asked for, and no
+    more than ``byte_limit`` bytes past the reader (``sizes``: the series' file sizes, reading order)."""
+    stop = min(state.asked + 1, len(sizes))
+    total = 0
+    for position in range(state.last + 1, stop):
+        total += max(int(sizes[position]), 0)
+        if total > byte_limit:
+            return max(position, state.last + 2)
+    return stop
 
 
 @dataclass(slots=True)
