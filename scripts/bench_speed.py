@@ -174,8 +174,9 @@ class Run:
         print(f"\n== {scenario} ==")
         print(table(figures))
         notes = [f"{f.name}: {f.note}" for f in figures if f.note]
-        for line in notes + self.details.get(scenario, []):
-            print(f"  * {line}")
+        counted = collections.Counter(notes + self.details.get(scenario, []))
+        for line, times in counted.items():  # repeats of one line (a listing per repeat) printed once
+            print(f"  * {line}" + (f" (x{times})" if times > 1 else ""))
         sys.stdout.flush()
 
 
