@@ -119,6 +119,7 @@ class Run:
     digests: Digests = field(default_factory=Digests)
     figures: list[Figure] = field(default_factory=list)
     details: dict[str, list[str]] = field(default_factory=lambda: collections.defaultdict(list))
+    peaks: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
     _archives: dict[str, tuple[str, Path, Any]] = field(default_factory=dict)
     _dirs: int = 0
 
@@ -171,6 +172,9 @@ class Run:
         self.details[scenario].append(line)
 
     def report(self, scenario: str) -> None:
+        peaks = self.peaks.get(scenario)
+        if peaks:
+            self.add(scenario, f"mount peak RSS (VmHWM), largest of {len(peaks)} mount(s)", [max(peaks)], "MiB")
         figures = [f for f in self.figures if f.scenario == scenario]
         print(f"\n== {scenario} ==")
         print(table(figures))
@@ -199,6 +203,8 @@ class _reported(AbstractContextManager[Mount]):
             m = self.mount
             if m is not None:
                 peak = f"{m.peak_kib / 1024:.1f} MiB" if m.peak_kib else "?"
+                if m.peak_kib:
+                    self.run.peaks[self.scenario].append(m.peak_kib / 1024)
                 store = ", ".join(f"{k}={v}" for k, v in sorted(m.store.items()) if v) or "-"
                 self.run.note(self.scenario, f"mount '{m.label}': peak RSS (VmHWM) {peak}; store counters: {store}")
                 try:
