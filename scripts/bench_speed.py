@@ -67,6 +67,7 @@ from benchlib import (
     Traffic,
     check_digest,
     check_slice,
+    cpu_seconds,
     digest_chunks,
     drop_caches,
     human_bytes,
@@ -118,6 +119,7 @@ class Run:
     digests: Digests = field(default_factory=Digests)
     figures: list[Figure] = field(default_factory=list)
     details: dict[str, list[str]] = field(default_factory=lambda: collections.defaultdict(list))
+    peaks: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
     _archives: dict[str, tuple[str, Path, Any]] = field(default_factory=dict)
     _dirs: int = 0
 
@@ -170,12 +172,16 @@ class Run:
         self.details[scenario].append(line)
 
     def report(self, scenario: str) -> None:
+        peaks = self.peaks.get(scenario)
+        if peaks:
+            self.add(scenario, f"mount peak RSS (VmHWM), largest of {len(peaks)} mount(s)", [max(peaks)], "MiB")
         figures = [f for f in self.figures if f.scenario == scenario]
         print(f"\n== {scenario} ==")
         print(table(figures))
         notes = [f"{f.name}: {f.note}" for f in figures if f.note]
-        for line in notes + self.details.get(scenario, []):
-            print(f"  * {line}")
+        counted = collections.Counter(notes + self.details.get(scenario, []))
+        for line, times in counted.items():  # repeats of one line (a listing per repeat) printed once
+            print(f"  * {line}" + (f" (x{times})" if times > 1 else ""))
         sys.stdout.flush()
 
 
@@ -197,6 +203,8 @@ class _reported(AbstractContextManager[Mount]):
             m = self.mount
             if m is not None:
                 peak = f"{m.peak_kib / 1024:.1f} MiB" if m.peak_kib else "?"
+                if m.peak_kib:
+                    self.run.peaks[self.scenario].append(m.peak_kib / 1024)
                 store = ", ".join(f"{k}={v}" for k, v in sorted(m.store.items()) if v) or "-"
                 self.run.note(self.scenario, f"mount '{m.label}': peak RSS (VmHWM) {peak}; store counters: {store}")
                 try:
@@ -327,12 +335,15 @@ def scenario_headers(run: Run) -> None:
 
 
 # ------------------------------------------------------------------------------- 2. cold sequential read
-def zip_download(emu: EmulatorProcess, series: Any, count: int, dest: Path) -> tuple[float, list[Path], Traffic]:
-    """tcia_utils' downloadSeries: one getImage zip streamed, its members written to ``dest``."""
+def zip_download(emu: EmulatorProcess, series: Any, count: int,
+                 dest: Path) -> tuple[float, list[Path], Traffic, tuple[float, float]]:
+    """tcia_utils' downloadSeries: one getImage zip streamed, its members written to ``dest``; seconds, the
+    files, the traffic, and the CPU seconds of this process (the client) and of the emulator meanwhile."""
     client = NbiaClient(emu.url)
     try:
         client.resolve_api()  # the mount decided its API before it was ready, too: neither timed nor counted
         before = emu.traffic()
+        cpu = cpu_seconds(os.getpid()), cpu_seconds(emu.pid)
         started = time.perf_counter()
         written = []
         for member, chunks in client.image_zip(series.uid, new_file_names=True, include_md5=True,
@@ -343,7 +354,8 @@ def zip_download(emu: EmulatorProcess, series: Any, count: int, dest: Path) -> t
                     out.write(chunk)
             written.append(target)
         seconds = time.perf_counter() - started
-        return seconds, written, emu.traffic() - before
+        used = cpu_seconds(os.getpid()) - cpu[0], cpu_seconds(emu.pid) - cpu[1]
+        return seconds, written, emu.traffic() - before, used
     finally:
         client.close()
 
@@ -352,13 +364,14 @@ def cold_zip(run: Run, emu: EmulatorProcess, series: Any, instances: Sequence[An
              rep: int) -> tuple[float, int]:
     """The baseline of one cold read: seconds of the zip download, and its bytes on the wire."""
     dest = run.fresh(f"zip-{key}-{rep}")
-    seconds, written, traffic = zip_download(emu, series, len(instances), dest)
+    seconds, written, traffic, (cpu_client, cpu_server) = zip_download(emu, series, len(instances), dest)
     dcm = sorted(p for p in written if p.suffix == ".dcm")
     if len(dcm) != len(instances):
         raise BenchError(f"the zip held {len(dcm)} images, not {len(instances)}")
     check_paths(run, list(zip(dcm, instances)), "zip")
     shutil.rmtree(dest)
-    run.note("cold", f"({key}) zip {rep + 1}: {seconds:.3f} s; {traffic.describe()}")
+    run.note("cold", f"({key}) zip {rep + 1}: {seconds:.3f} s; CPU s: client {cpu_client:.2f}, emulator "
+                     f"{cpu_server:.2f}; {traffic.describe()}")
     return seconds, traffic.image_bytes()
 
 
@@ -367,11 +380,13 @@ def cold_mount(run: Run, emu: EmulatorProcess, archive: Any, total: int, key: st
     with run.mount(emu, run.fresh(f"cold-cache-{key}-{rep}"), f"cold {key} {rep + 1}", "cold") as m:
         _, _, pairs = one_series(m, archive)  # listing: untimed, as dcm2niix lists first
         before = emu.traffic()
+        cpu = cpu_seconds(m.pid), cpu_seconds(emu.pid)
         seconds, data = timed(lambda: [read_keep(p) for p, _ in pairs])
+        cpu_mount, cpu_server = cpu_seconds(m.pid) - cpu[0], cpu_seconds(emu.pid) - cpu[1]
         traffic = emu.traffic() - before
     check_files(run, pairs, data, f"cold read ({key})")
-    run.note("cold", f"({key}) mount {rep + 1}: {seconds:.3f} s, {total / seconds / 1e6:.1f} MB/s; "
-                     f"{traffic.describe()}")
+    run.note("cold", f"({key}) mount {rep + 1}: {seconds:.3f} s, {total / seconds / 1e6:.1f} MB/s; CPU s: mount "
+                     f"{cpu_mount:.2f}, emulator {cpu_server:.2f}; {traffic.describe()}")
     return seconds, traffic
 
 
