@@ -5,7 +5,7 @@ Kept apart so the scenarios in ``bench_speed.py`` read as what they measure. Not
 target of issue 7; it only knows how to start, stop, count, read and print.
 
 Why the emulator runs in its own process (``python -m nbiafs emulator``, steered through its
-``/emulator/...`` control endpoints) and not in this one as ``bench_mount.py`` does: this process
+``/emulator/...`` control endpoints): this process
 also plays the baselines (the ``getImage`` zip extracted by ``NbiaClient``, bare ``getSingleImage``
 requests) and reads through the mount. Sharing one interpreter lock with a busy server would slow
 the baselines and the readers by an amount that depends on the server's load, not on the mount.
