@@ -290,9 +290,11 @@ class NbiaFileSystem(AbstractFileSystem):
             try:
                 size = store.size(handle)
                 begin, stop, _ = slice(start, end).indices(size)
-                return store.read(handle, stop - begin, begin) if stop > begin else b""
+                data = store.read(handle, stop - begin, begin) if stop > begin else b""
             finally:
                 store.release(handle)
+        self.opened(node)  # an open as the mount sees one: the prefetch policy hears of it
+        return bytes(data)
 
     def opened(self, node: Node) -> None:
         """Tell the store's prefetch policy that ``node`` was opened, as the mount does (never fails)."""
@@ -323,14 +325,20 @@ class NbiaFile(AbstractBufferedFile):
 
     def __init__(self, fs: NbiaFileSystem, path: str, node: Node, **kwargs: Any) -> None:
         self.node = node
+        self.path = path  # set again by fsspec; needed before, should releasing a handle fail
         self._store: Any = None
         self._handle: int | None = None
         self._handle_pid = 0
         self._handle_lock = threading.Lock()
         with _mapped(path):
             store, handle = self._open_handle(fs)
-            size = store.size(handle)
-        super().__init__(fs, path, mode="rb", size=size, **kwargs)
+        try:
+            with _mapped(path):
+                size = store.size(handle)
+            super().__init__(fs, path, mode="rb", size=size, **kwargs)
+        except BaseException:
+            self._release_quietly(store, handle)
+            raise
         fs.opened(node)
 
     def _open_handle(self, fs: NbiaFileSystem) -> tuple[Any, int]:

@@ -1,4 +1,4 @@
-"""The fsspec file system (``nbia://``) against the emulator, without any mount: the archive's tree,
+"""The fsspec file system (``nbia://``) against the emu, without any mount: the archive's tree,
 sizes and bytes, random access, pydicom, errors that are never absences, options from the table,
 and layers shared and closed soundly (threads, fork, pickling, exit)."""
 
@@ -25,6 +25,13 @@ from nbiafs.fsspec_nbia import FSSPEC_OPTIONS, NbiaFileSystem, settings_from
 
 #: Short client timeouts: errors must surface within seconds (the mount tests use the same).
 FAST = {"deadline": "20", "retries": "3", "backoff": "0.05", "connect_timeout": "3", "read_timeout": "15"}
+
+
+@pytest.fixture
+def emu(make_emulator: Callable[..., Any]) -> Any:
+    """An emulator of the test's own: these tests download, and the session's emulator is left to tests
+    that count its downloads."""
+    return make_emulator()
 
 
 @pytest.fixture(autouse=True)
@@ -77,9 +84,9 @@ def dead_server() -> str:
 
 
 # ---------------------------------------------------------------------------------- registration
-def test_the_nbia_protocol_is_registered_through_the_entry_point(emulator, tmp_path: Path) -> None:
+def test_the_nbia_protocol_is_registered_through_the_entry_point(emu, tmp_path: Path) -> None:
     assert fsspec.get_filesystem_class("nbia") is NbiaFileSystem
-    fs, path = fsspec.core.url_to_fs("nbia://Demo-Chest-CT/", server=emulator.url, cache_dir=str(tmp_path))
+    fs, path = fsspec.core.url_to_fs("nbia://Demo-Chest-CT/", server=emu.url, cache_dir=str(tmp_path))
     try:
         assert isinstance(fs, NbiaFileSystem)
         assert path == "Demo-Chest-CT"
@@ -97,8 +104,8 @@ def test_paths_are_relative_to_the_root(given: str, stripped: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- the tree
-def test_the_tree_names_and_sizes_are_the_archives(emulator, archive, make_fs) -> None:
-    fs = make_fs(emulator, layout="uid")
+def test_the_tree_names_and_sizes_are_the_archives(emu, archive, make_fs) -> None:
+    fs = make_fs(emu, layout="uid")
     expected = public_instances(archive)
     found = fs.find("", detail=True)
     assert {name: info["size"] for name, info in found.items()} == {p: i.size for p, i in expected.items()}
@@ -109,8 +116,8 @@ def test_the_tree_names_and_sizes_are_the_archives(emulator, archive, make_fs) -
                                                         archive.public_collections())
 
 
-def test_info_carries_the_uids_and_stable_times(emulator, archive, make_fs) -> None:
-    fs = make_fs(emulator, layout="uid")
+def test_info_carries_the_uids_and_stable_times(emu, archive, make_fs) -> None:
+    fs = make_fs(emu, layout="uid")
     path, inst = next(iter(public_instances(archive).items()))
     info = fs.info("nbia://" + path)
     assert info["name"] == path and info["type"] == "file" and info["size"] == inst.size
@@ -124,8 +131,8 @@ def test_info_carries_the_uids_and_stable_times(emulator, archive, make_fs) -> N
 
 
 # ---------------------------------------------------------------------------------- bytes
-def test_bytes_ranges_and_random_access_equal_the_archive(emulator, archive, make_fs) -> None:
-    fs = make_fs(emulator, layout="uid", prefetch=False)
+def test_bytes_ranges_and_random_access_equal_the_archive(emu, archive, make_fs) -> None:
+    fs = make_fs(emu, layout="uid", prefetch=False)
     items = list(public_instances(archive).items())
     for path, inst in items[:: max(1, len(items) // 6)]:
         data = inst.path.read_bytes()
@@ -148,8 +155,8 @@ def test_bytes_ranges_and_random_access_equal_the_archive(emulator, archive, mak
     assert fs.cat([p for p, _ in items[:3]]) == {p: i.path.read_bytes() for p, i in items[:3]}
 
 
-def test_closing_files_releases_their_store_handles(emulator, archive, make_fs) -> None:
-    fs = make_fs(emulator, layout="uid", prefetch=False)
+def test_closing_files_releases_their_store_handles(emu, archive, make_fs) -> None:
+    fs = make_fs(emu, layout="uid", prefetch=False)
     path = next(iter(public_instances(archive)))
     store = fs.layers.store
     before = len(store._handles)
@@ -163,22 +170,22 @@ def test_closing_files_releases_their_store_handles(emulator, archive, make_fs) 
     assert len(store._handles) == before
 
 
-def test_pydicom_reads_through_it(emulator, archive, make_fs) -> None:
-    fs = make_fs(emulator, layout="uid")
+def test_pydicom_reads_through_it(emu, archive, make_fs) -> None:
+    fs = make_fs(emu, layout="uid")
     path, inst = next((p, i) for p, i in public_instances(archive).items() if i.size > 10_000)
     with fs.open(path) as f:
         ds = pydicom.dcmread(f)
     assert ds.SOPInstanceUID == inst.sop_uid and ds.SeriesInstanceUID == inst.series_uid
     expected = pydicom.dcmread(inst.path)
     assert (ds.pixel_array == expected.pixel_array).all()
-    with fsspec.open(f"nbia://{path}", server=emulator.url, cache_dir=fs.settings.cache_dir, layout="uid",
+    with fsspec.open(f"nbia://{path}", server=emu.url, cache_dir=fs.settings.cache_dir, layout="uid",
                      **FAST) as f:
         assert pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID == inst.sop_uid
 
 
-def test_the_descriptive_tree_equals_a_mounts(emulator, make_fs, mounter, tmp_path: Path) -> None:
+def test_the_descriptive_tree_equals_a_mounts(emu, make_fs, mounter, tmp_path: Path) -> None:
     """The acceptance check: names, sizes and bytes as a real mount of the same server shows them."""
-    m = mounter(emulator, cache_dir=tmp_path / "mount-cache")
+    m = mounter(emu, cache_dir=tmp_path / "mount-cache")
     mounted: dict[str, int] = {}
     mounted_dirs: set[str] = set()
     for root, dirs, files in os.walk(m.path):
@@ -186,7 +193,7 @@ def test_the_descriptive_tree_equals_a_mounts(emulator, make_fs, mounter, tmp_pa
         mounted_dirs.update(os.path.normpath(os.path.join(rel, d)) for d in dirs)
         for name in files:
             mounted[os.path.normpath(os.path.join(rel, name))] = os.stat(os.path.join(root, name)).st_size
-    fs = make_fs(emulator)  # its own cache dir: nothing comes from the mount's
+    fs = make_fs(emu)  # its own cache dir: nothing comes from the mount's
     found = fs.find("", withdirs=True, detail=True)
     assert {n: i["size"] for n, i in found.items() if i["type"] == "file"} == mounted
     assert {n for n, i in found.items() if i["type"] == "directory"} == mounted_dirs
@@ -214,8 +221,8 @@ def test_a_file_fetched_by_either_is_cached_for_the_other(make_emulator, make_fs
 
 
 # ---------------------------------------------------------------------------------- errors
-def test_a_missing_name_is_file_not_found(emulator, make_fs) -> None:
-    fs = make_fs(emulator)
+def test_a_missing_name_is_file_not_found(emu, make_fs) -> None:
+    fs = make_fs(emu)
     for path in ("No-Such-Collection", "Demo-Chest-CT/nobody", "Demo-Chest-CT/nobody/x/y/1-001.dcm"):
         with pytest.raises(FileNotFoundError):
             fs.info(path)
@@ -251,8 +258,8 @@ def test_a_failing_download_of_a_listed_file_is_an_io_error(make_emulator, make_
     assert len(fs.cat_file(path)) == fs.info(path)["size"]  # nothing wrong was cached
 
 
-def test_it_is_read_only(emulator, make_fs) -> None:
-    fs = make_fs(emulator)
+def test_it_is_read_only(emu, make_fs) -> None:
+    fs = make_fs(emu)
     name = sorted(fs.find("Demo-Head-MR"))[0]
     for mode in ("wb", "ab"):
         with pytest.raises(OSError) as caught:
@@ -298,20 +305,20 @@ def test_config_file_and_environment_apply_as_for_the_mount(tmp_path: Path, monk
     assert settings_from({"config": str(config), "cache_size": "4G"}).cache_size == 4 * 1024**3
 
 
-def test_a_named_account_takes_its_password_from_the_environment(emulator, make_fs, monkeypatch) -> None:
+def test_a_named_account_takes_its_password_from_the_environment(emu, make_fs, monkeypatch) -> None:
     from nbiafs.emulator import TEST_PASSWORD, TEST_USER
 
     monkeypatch.setenv("NBIA_PASSWORD", TEST_PASSWORD)
-    fs = make_fs(emulator, user=TEST_USER, api="v2")
+    fs = make_fs(emu, user=TEST_USER, api="v2")
     assert "Restricted" in " ".join(fs.ls("", detail=False)) or len(fs.ls("")) > 3
     assert TEST_PASSWORD not in repr(fs.storage_options) and TEST_PASSWORD not in pickle.dumps(fs).decode("latin-1")
 
 
 # ---------------------------------------------------------------------------------- lifetime
-def test_equal_settings_share_one_set_of_layers_across_threads(emulator, make_fs) -> None:
-    fs = make_fs(emulator)
+def test_equal_settings_share_one_set_of_layers_across_threads(emu, make_fs) -> None:
+    fs = make_fs(emu)
     others: list[NbiaFileSystem] = []
-    thread = threading.Thread(target=lambda: others.append(make_fs(emulator)))
+    thread = threading.Thread(target=lambda: others.append(make_fs(emu)))
     thread.start()
     thread.join()
     other = others[0]
@@ -324,10 +331,10 @@ def test_equal_settings_share_one_set_of_layers_across_threads(emulator, make_fs
     assert fs.ls("") and fs.layers is not layers  # closed with the last user; built again on use
 
 
-def test_a_pickled_file_system_and_file_work_in_a_spawned_process(emulator, archive, make_fs) -> None:
+def test_a_pickled_file_system_and_file_work_in_a_spawned_process(emu, archive, make_fs) -> None:
     import multiprocessing
 
-    fs = make_fs(emulator, layout="uid")
+    fs = make_fs(emu, layout="uid")
     path, inst = next(iter(public_instances(archive).items()))
     fs.ls("")  # layers live in this process: the child must build its own
     with fs.open(path) as f:
@@ -348,10 +355,10 @@ def _read_in_child(pickled_fs: bytes, path: str, pickled_file: bytes) -> tuple[b
     return fs.cat_file(path), tail
 
 
-def test_a_forked_child_builds_its_own_layers(emulator, archive, make_fs) -> None:
+def test_a_forked_child_builds_its_own_layers(emu, archive, make_fs) -> None:
     import multiprocessing
 
-    fs = make_fs(emulator, layout="uid")
+    fs = make_fs(emu, layout="uid")
     path, inst = next(iter(public_instances(archive).items()))
     fs.cat_file(path)  # threads, sockets and SQLite connections now exist in the parent ...
     f = fs.open(path)  # ... and a prefetch of the rest of the series is writing to the cache
@@ -423,9 +430,9 @@ print("OK", ds.Modality, loaded)
 """
 
 
-def test_it_works_where_fuse_cannot_load(emulator, tmp_path: Path) -> None:
+def test_it_works_where_fuse_cannot_load(emu, tmp_path: Path) -> None:
     env = {**os.environ, "NBIAFS_CONFIG": str(tmp_path / "none.toml"), "FUSE_LIBRARY_PATH": "/nonexistent/libfuse3.so"}
-    done = subprocess.run([sys.executable, "-c", NO_FUSE_SCRIPT, emulator.url, str(tmp_path / "cache")],
+    done = subprocess.run([sys.executable, "-c", NO_FUSE_SCRIPT, emu.url, str(tmp_path / "cache")],
                           capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "OK MR []"

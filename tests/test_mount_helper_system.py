@@ -13,8 +13,9 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import TEST_ENV, _missing, require_fuse, require_tool, teardown_mount
@@ -23,6 +24,13 @@ from nbiafs import daemon
 
 SBIN = Path("/sbin")
 HELPERS = ("mount.fuse.nbiafs", "mount.nbiafs")
+
+
+@pytest.fixture
+def emu(make_emulator: Callable[..., Any]) -> Any:
+    """An emulator of the test's own: these tests download, and the session's emulator is left to tests
+    that count its downloads."""
+    return make_emulator()
 
 
 def _script(name: str) -> Path:
@@ -90,13 +98,13 @@ def umount_and_check(mp: Path, env: dict[str, str]) -> None:
     assert not record.exists() and daemon.mount_processes(mp) == []
 
 
-def test_an_fstab_line_mounts_with_mount_and_unmounts_with_umount(helpers_in_sbin, emulator, archive, env,
+def test_an_fstab_line_mounts_with_mount_and_unmounts_with_umount(helpers_in_sbin, emu, archive, env,
                                                                    mountpoint: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     fstab = tmp_path / "fstab"
     fstab.write_text(
         "# an fstab of its own: mount -T reads it instead of /etc/fstab\n"
-        f"{emulator.url}  {mountpoint}  fuse.nbiafs  "
+        f"{emu.url}  {mountpoint}  fuse.nbiafs  "
         f"nofail,_netdev,noauto,x-systemd.automount,cache_dir={cache},cache_size=1G,"
         f"log_file={tmp_path / 'mount.log'},log_level=INFO  0  0\n")
     done = run(["mount", "-T", str(fstab), str(mountpoint)], env)
@@ -116,10 +124,10 @@ def test_an_fstab_line_mounts_with_mount_and_unmounts_with_umount(helpers_in_sbi
     umount_and_check(mountpoint, env)
 
 
-def test_mount_t_fuse_nbiafs_with_options(helpers_in_sbin, emulator, archive, env, mountpoint: Path,
+def test_mount_t_fuse_nbiafs_with_options(helpers_in_sbin, emu, archive, env, mountpoint: Path,
                                            tmp_path: Path) -> None:
     done = run(["mount", "-t", "fuse.nbiafs", "-o", f"ro,nosuid,nodev,allow_other,layout=uid,umask=077,"
-                f"cache_dir={tmp_path / 'cache'}", emulator.url, str(mountpoint)], env)
+                f"cache_dir={tmp_path / 'cache'}", emu.url, str(mountpoint)], env)
     assert done.returncode == 0, done.stderr
     coll = archive.public_collections()[0]
     study = archive.studies_of(coll.name)[0]
@@ -131,10 +139,10 @@ def test_mount_t_fuse_nbiafs_with_options(helpers_in_sbin, emulator, archive, en
     umount_and_check(mountpoint, env)
 
 
-def test_mount_t_nbiafs_with_the_configured_server(helpers_in_sbin, emulator, env, mountpoint: Path,
+def test_mount_t_nbiafs_with_the_configured_server(helpers_in_sbin, emu, env, mountpoint: Path,
                                                     tmp_path: Path) -> None:
     config = tmp_path / "tcia.toml"
-    config.write_text(f'server = "{emulator.url}"\ncache-dir = "{tmp_path / "cache"}"\n')
+    config.write_text(f'server = "{emu.url}"\ncache-dir = "{tmp_path / "cache"}"\n')
     done = run(["mount", "-t", "nbiafs", "-o", f"config={config}", "nbiafs", str(mountpoint)], env)
     assert done.returncode == 0, done.stderr
     assert "Demo-Chest-CT" in os.listdir(mountpoint)  # the server came from the config file

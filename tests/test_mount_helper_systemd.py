@@ -12,8 +12,9 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import REPO, TEST_ENV, require_fuse, require_tool, teardown_mount, wait_until
@@ -22,6 +23,13 @@ from nbiafs import daemon
 
 UNIT = REPO / "docs" / "deploy" / "nbiafs@.service"
 INSTALLED = "/usr/local/bin/nbiafs"
+
+
+@pytest.fixture
+def emu(make_emulator: Callable[..., Any]) -> Any:
+    """An emulator of the test's own: these tests download, and the session's emulator is left to tests
+    that count its downloads."""
+    return make_emulator()
 
 
 def unit_lines(text: str) -> list[tuple[str, str]]:
@@ -105,7 +113,7 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def unit(emulator, tmp_path: Path) -> Iterator[Unit]:
+def unit(emu, tmp_path: Path) -> Iterator[Unit]:
     require_fuse()
     require_tool("systemd-escape", "systemd")
     mp = tmp_path / "mnt"
@@ -114,7 +122,7 @@ def unit(emulator, tmp_path: Path) -> Iterator[Unit]:
     etc.mkdir()
     u = Unit(mp, etc)
     (etc / f"{u.instance}.toml").write_text(
-        f'server = "{emulator.url}"\ncache-dir = "{tmp_path / "cache"}"\nlog-level = "INFO"\n')
+        f'server = "{emu.url}"\ncache-dir = "{tmp_path / "cache"}"\nlog-level = "INFO"\n')
     (etc / f"{u.instance}.env").write_text("NBIAFS_CACHE_SIZE=2G\n")
     yield u
     teardown_mount(mp, daemon.mount_processes(mp))
