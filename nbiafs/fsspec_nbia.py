@@ -30,6 +30,7 @@ each worker; they are shared per process by equal settings and closed at exit or
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import errno
 import hashlib
@@ -87,10 +88,13 @@ def settings_from(kwargs: Mapping[str, Any], environ: Mapping[str, str] | None =
     flags = {k: v for k, v in kwargs.items() if k in FSSPEC_OPTIONS}
     config = kwargs.get("config")
     try:
-        return resolve(flags, environ=environ, config_path=Path(config).expanduser() if config else None,
-                       only=FSSPEC_OPTIONS).settings
+        settings = resolve(flags, environ=environ, config_path=Path(config).expanduser() if config else None,
+                           only=FSSPEC_OPTIONS).settings
     except ConfigError as exc:
         raise OptionValueError(str(exc)) from None
+    # A program walking this file system wants the DICOM files only: the mount's dot-files of metadata
+    # (.collection.json, .series.json, .nbiafs/) are for people; the records are in info() here.
+    return dataclasses.replace(settings, metadata_files=False)
 
 
 def os_error(exc: BaseException, path: str) -> OSError:

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 EXIT_USAGE = 1
 EXIT_FAILURE = 32
 #: Option groups a mount takes (as ``nbiafs mount``).
-GROUPS = ("server", "cache", "mount", "log")
+GROUPS = ("server", "cache", "scope", "mount", "log")
 #: Sources that mean "the configured server" (the config file, NBIAFS_SERVER, else public).
 DEFAULT_SOURCES = frozenset({"", "nbiafs", "none", "default"})
 #: Options for mount(8), the kernel, fuse or systemd rather than for nbiafs: accepted, ignored.

@@ -19,6 +19,7 @@ from typing import Any
 import fsspec
 import pydicom
 import pytest
+from conftest import visible_walk
 
 from nbiafs import naming
 from nbiafs.fsspec_nbia import FSSPEC_OPTIONS, NbiaFileSystem, settings_from
@@ -188,7 +189,7 @@ def test_the_descriptive_tree_equals_a_mounts(emu, make_fs, mounter, tmp_path: P
     m = mounter(emu, cache_dir=tmp_path / "mount-cache")
     mounted: dict[str, int] = {}
     mounted_dirs: set[str] = set()
-    for root, dirs, files in os.walk(m.path):
+    for root, dirs, files in visible_walk(m.path):
         rel = os.path.relpath(root, m.path)
         mounted_dirs.update(os.path.normpath(os.path.join(rel, d)) for d in dirs)
         for name in files:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TEST_ENV, _missing, require_fuse, require_tool, teardown_mount
+from conftest import TEST_ENV, _missing, ls, require_fuse, require_tool, teardown_mount
 
 from nbiafs import daemon
 
@@ -111,16 +111,16 @@ def test_an_fstab_line_mounts_with_mount_and_unmounts_with_umount(helpers_in_sbi
     assert done.returncode == 0, done.stderr
     entry = daemon.mount_entry(mountpoint)
     assert entry is not None and daemon.is_nbiafs_mount(entry)  # mounted when mount(8) returned
-    assert sorted(os.listdir(mountpoint)) == sorted(c.name for c in archive.public_collections())
+    assert ls(mountpoint) == sorted(c.name for c in archive.public_collections())
     series = mountpoint / "Demo-Head-MR"
     for _ in range(3):
-        series = series / sorted(os.listdir(series))[0]
-    files = sorted(os.listdir(series))
+        series = series / ls(series)[0]
+    files = ls(series)
     sizes = sorted(i.size for i in archive.instances if i.series_uid.endswith(series.name[-5:]))
     assert sorted((series / f).stat().st_size for f in files) == sizes
     data = (series / files[0]).read_bytes()
     assert len(data) == (series / files[0]).stat().st_size and data[128:132] == b"DICM"
-    assert (cache / "instances").is_dir()  # the option reached the mount process
+    assert (cache / "objects").is_dir()  # the option reached the mount process
     umount_and_check(mountpoint, env)
 
 

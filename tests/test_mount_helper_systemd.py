@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, TEST_ENV, require_fuse, require_tool, teardown_mount, wait_until
+from conftest import REPO, TEST_ENV, ls, require_fuse, require_tool, teardown_mount, wait_until
 
 from nbiafs import daemon
 
@@ -145,7 +145,7 @@ def start(unit: Unit) -> subprocess.Popen[str]:
 def read_something(mp: Path) -> None:
     path = mp / "Demo-Head-MR"
     for _ in range(4):
-        path = path / sorted(os.listdir(path))[0]
+        path = path / ls(path)[0]
     assert path.read_bytes()[128:132] == b"DICM"
 
 

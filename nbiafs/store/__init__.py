@@ -516,6 +516,8 @@ class InstanceStore:
         part = self._index.part_for(path)
         with self._lock:
             download = self._downloads.get(path)
+            if download is not None and download.failed:
+                download = None  # failed a moment ago, not yet forgotten: a failure is never remembered
             if download is not None:
                 if reader:
                     download.acquire()

@@ -268,6 +268,11 @@ class Download:
             self._read_fd = None
 
     @property
+    def failed(self) -> bool:
+        with self._cond:
+            return self.done and self.error is not None
+
+    @property
     def ok(self) -> bool:
         with self._cond:
             return self.done and self.error is None

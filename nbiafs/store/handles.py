@@ -110,6 +110,10 @@ class HandleTable:
         self._handles: dict[int, Handle] = {}
         self._numbers = itertools.count(1)
 
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._handles)
+
     def add(self, handle: Handle) -> int:
         with self._lock:
             number = next(self._numbers)
