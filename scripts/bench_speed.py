@@ -22,7 +22,8 @@ Scenarios (``--only NAME ...``; all by default, in this order):
              open+close of each cached file (median <= 0.3 ms).
 ``readers``  8 processes reading random files of the ``headers`` profile's 20 series through one
              mount (repeats allowed): every byte checked, slowest open, bytes fetched against the
-             distinct bytes read (<= 1.2x), ``getSingleImage`` calls against the distinct instances read.
+             distinct bytes read (<= 1.2x), the most ``getSingleImage`` answers one instance got (<= 1:
+             one fetch per instance, counted per SOPInstanceUID by the emulator).
 
 Every mount goes through the CLI (``python -m nbiafs mount``, background) and is lazily unmounted in a
 ``finally``; the emulator runs in its own process (see ``benchlib``); every byte read through a mount
@@ -400,7 +401,7 @@ def scenario_cold(run: Run) -> None:
     with run.emulator("ct200") as emu:
         for key, label, caps, limit in shapes:
             applied = emu.shape(latency=run.latency, **caps)
-            mount_s, zip_s, zip_wire, fetches = [], [], [], []
+            mount_s, zip_s, zip_wire, fetches, most = [], [], [], [], []
             for rep in range(run.repeat):
                 order = ("zip", "mount") if rep % 2 == 0 else ("mount", "zip")
                 for step in order:
@@ -412,6 +413,7 @@ def scenario_cold(run: Run) -> None:
                         seconds, traffic = cold_mount(run, emu, archive, total, key, rep)
                         mount_s.append(seconds)
                         fetches.append(traffic.calls["getSingleImage"])
+                        most.append(traffic.most_fetches_of_one_instance())
             run.add(name, f"({key}) mount cold read, {label}", mount_s, "s",
                     target=Target("<=", limit, "ratio", f"<= {limit:g}x zip"), baselines=zip_s, baseline_name="zip",
                     note=f"emulator shaping {applied}")
@@ -419,8 +421,9 @@ def scenario_cold(run: Run) -> None:
                     baselines=[total / s for s in zip_s], baseline_name="zip")
             run.add(name, f"({key}) getSingleImage calls", fetches, "n", baselines=[len(instances)],
                     baseline_name="instances",
-                    note="more calls than instances: some instance was fetched twice" if max(fetches) > len(instances)
-                    else "")
+                    note=f"most fetches of one instance: {max(most)}"
+                    + (" (some instance was fetched twice)" if max(most) > 1 else "")
+                    + ("; the other instances came through the series zip" if min(fetches) < len(instances) else ""))
             if "link" in caps:
                 link_s = total / caps["link"]
                 run.add(name, f"({key}) mount against the link limit", mount_s, "s", baselines=[link_s],
@@ -662,8 +665,8 @@ def scenario_readers(run: Run) -> None:
     name = "readers"
     spec, _, archive = run.archive("headers")
     n_readers, picks = run.args.readers, run.args.picks
-    fetched, fetched_during, distinct_b, calls, distinct_n, slowest, median_open, wall, read_b, zips = (
-        [] for _ in range(10))
+    fetched, fetched_during, distinct_b, calls, distinct_n, slowest, median_open, wall, read_b, zips, most = (
+        [] for _ in range(11))
     bare: list[float] = []
     with run.emulator("headers") as emu:
         emu.shape(latency=run.latency)
@@ -698,6 +701,7 @@ def scenario_readers(run: Run) -> None:
             fetched_during.append(during.image_bytes())
             distinct_b.append(sum(seen.values()))
             calls.append(after.calls["getSingleImage"])
+            most.append(after.most_fetches_of_one_instance())
             zips.append(after.calls["getImage"] + after.calls["getImageWithMD5Hash"])
             distinct_n.append(len(seen))
             slowest.append(max(opens))
@@ -714,9 +718,12 @@ def scenario_readers(run: Run) -> None:
                  f"{len(archive.series)} series ({spec})")
     run.add(name, "image bytes fetched when the readers finished", fetched_during, "B", baselines=distinct_b,
             baseline_name="distinct read")
-    run.add(name, "getSingleImage calls", calls, "n", target=Target("<=", 1.0, "ratio", "<= 1 per distinct instance"),
-            baselines=distinct_n, baseline_name="distinct instances read",
-            note=f"zip requests besides: {median(zips):g}")
+    run.add(name, "fetches of one instance, most (getSingleImage answers)", [max(most)], "n",
+            target=Target("<=", 1.0, "value", "<= 1: one fetch per instance"),
+            note="counted per SOPInstanceUID by the emulator, the largest of every run")
+    run.add(name, "getSingleImage calls", calls, "n", baselines=distinct_n, baseline_name="distinct instances read",
+            note=f"zip requests besides: {median(zips):g}; calls beyond the instances read are read-ahead, "
+                 "counted in the bytes fetched")
     run.add(name, "slowest open", slowest, "s", baselines=bare, baseline_name="bare getSingleImage (median)")
     run.add(name, "median open", median_open, "s", baselines=bare, baseline_name="bare getSingleImage (median)")
     run.add(name, "bytes read (repeats included)", read_b, "B", baselines=distinct_b, baseline_name="distinct")

@@ -62,13 +62,21 @@ class Traffic:
 
     calls: collections.Counter[str] = field(default_factory=collections.Counter)
     bytes: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: getSingleImage answers per SOPInstanceUID
+    instances: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def __sub__(self, other: Traffic) -> Traffic:
         calls = collections.Counter(self.calls)
         calls.subtract(other.calls)
         sent = collections.Counter(self.bytes)
         sent.subtract(other.bytes)
-        return Traffic(+calls, +sent)
+        served = collections.Counter(self.instances)
+        served.subtract(other.instances)
+        return Traffic(+calls, +sent, +served)
+
+    def most_fetches_of_one_instance(self) -> int:
+        """The most getSingleImage answers any one instance got (1 when nothing was fetched twice)."""
+        return max(self.instances.values(), default=0)
 
     def image_bytes(self) -> int:
         return sum(self.bytes[name] for name in IMAGE_ENDPOINTS)
@@ -135,7 +143,8 @@ class EmulatorProcess:
         reply = self._session.get(f"{self.url}/emulator/stats", params={"detail": "1"}, timeout=30)
         reply.raise_for_status()
         data = reply.json()
-        return Traffic(collections.Counter(data.get("calls", {})), collections.Counter(data.get("bytes", {})))
+        return Traffic(collections.Counter(data.get("calls", {})), collections.Counter(data.get("bytes", {})),
+                       collections.Counter(data.get("instances", {})))
 
     def shape(self, *, latency: float | None = None, per_connection: float | None = None,
               link: float | None = None) -> dict[str, Any]:

@@ -293,6 +293,9 @@ def test_byte_stats_count_the_bodies_sent(emu, archive) -> None:
     assert emu.bytes_sent()["getSingleImage"] == 2 * inst.size
     assert emu.bytes_sent(versioned=True)["v4/getSingleImage"] == 2 * inst.size
     assert emu.bytes_sent()["getImage"] == len(zipped)
+    assert emu.instance_fetches()[inst.sop_uid] == 2  # per instance, so a test can prove one fetch each
+    detail = requests.get(emu.url + "/emulator/stats", params={"detail": "1"}, timeout=TIMEOUT).json()
+    assert detail["instances"][inst.sop_uid] == 2
 
 
 # ---- server shapes -----------------------------------------------------------------------------

@@ -43,6 +43,7 @@ def test_cat_of_a_series_comes_through_its_zip_each_instance_once_every_byte_exa
     assert stats["zip_files"] > 0
     assert stats["fetches"] + stats["zip_files"] == len(names)  # none came twice
     assert calls["getSingleImage"] == stats["fetches"]
+    assert max(emulator.instance_fetches().values()) == 1
 
 
 def test_a_header_scan_or_no_prefetch_causes_no_zip(emulator, mounter):

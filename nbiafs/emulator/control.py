@@ -92,6 +92,7 @@ class Stats:
         self._versioned: collections.Counter[str] = collections.Counter()
         self._bytes: collections.Counter[str] = collections.Counter()
         self._versioned_bytes: collections.Counter[str] = collections.Counter()
+        self._instances: collections.Counter[str] = collections.Counter()  # getSingleImage answers per SOP UID
 
     def call(self, endpoint: str, versioned: str) -> None:
         with self._lock:
@@ -105,6 +106,15 @@ class Stats:
             self._bytes[endpoint] += nbytes
             self._versioned_bytes[versioned] += nbytes
 
+    def instance_served(self, sop_uid: str) -> None:
+        with self._lock:
+            self._instances[sop_uid] += 1
+
+    def instances(self) -> collections.Counter[str]:
+        """``getSingleImage`` answers per SOPInstanceUID (so one fetch per instance can be checked)."""
+        with self._lock:
+            return collections.Counter(self._instances)
+
     def calls(self, versioned: bool = False) -> collections.Counter[str]:
         with self._lock:
             return collections.Counter(self._versioned if versioned else self._calls)
@@ -115,11 +125,12 @@ class Stats:
 
     def reset(self) -> None:
         with self._lock:
-            for counter in (self._calls, self._versioned, self._bytes, self._versioned_bytes):
+            for counter in (self._calls, self._versioned, self._bytes, self._versioned_bytes, self._instances):
                 counter.clear()
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         """Everything at once (the ``GET /emulator/stats?detail=1`` answer)."""
         with self._lock:
             return {"calls": dict(self._calls), "versioned": dict(self._versioned),
-                    "bytes": dict(self._bytes), "versioned_bytes": dict(self._versioned_bytes)}
+                    "bytes": dict(self._bytes), "versioned_bytes": dict(self._versioned_bytes),
+                    "instances": dict(self._instances)}

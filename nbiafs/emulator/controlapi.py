@@ -2,7 +2,8 @@
 
 =====================================  ==========================================================
 ``GET  /emulator/stats``               calls per plain endpoint name (``{"getSeries": 2, ...}``)
-``GET  /emulator/stats?detail=1``      ``{"calls", "versioned", "bytes", "versioned_bytes"}``
+``GET  /emulator/stats?detail=1``      ``{"calls", "versioned", "bytes", "versioned_bytes", "instances"}``
+                                       (``instances``: getSingleImage answers per SOPInstanceUID)
 ``POST /emulator/reset-stats``         zero every counter
 ``POST /emulator/faults``              JSON ``{"endpoint", "status", "count", "delay", "truncate",
                                        "corrupt"}`` (endpoint plain or versioned, ``*`` = any)

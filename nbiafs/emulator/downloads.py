@@ -47,6 +47,7 @@ def get_single_image(emu: Emulator, req: Request, call: Call) -> Reply:
     inst = arch.instance_by_uid(sop_uid)
     if entry is None or inst is None or inst.series_uid != entry.uid:
         raise HttpError(500, NO_AUTH_BODY)
+    emu.served_instance(sop_uid)
     return Reply(200, content_type="application/dicom", file=inst.path, file_size=inst.size,
                  headers=(("Content-Disposition", f'attachment; filename="{sop_uid}.dcm"'),))
 

@@ -187,6 +187,13 @@ class Emulator:
         """Body bytes written per endpoint (plain or versioned names), truncated bodies counted as sent."""
         return self._stats.bytes_sent(versioned)
 
+    def served_instance(self, sop_uid: str) -> None:
+        self._stats.instance_served(sop_uid)
+
+    def instance_fetches(self) -> collections.Counter[str]:
+        """``getSingleImage`` answers per SOPInstanceUID since the last reset."""
+        return self._stats.instances()
+
     def stats_snapshot(self) -> dict[str, dict[str, int]]:
         return self._stats.snapshot()
 

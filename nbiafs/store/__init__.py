@@ -591,7 +591,7 @@ class InstanceStore:
             self._index.remove(path)
             return None
         length = os.fstat(fd).st_size
-        recorded = self._index.digests(path).length
+        recorded = self._index.fetched_length(entry)
         if (recorded is not None and length != recorded) or length == 0:
             os.close(fd)
             log.warning("cached %s has %d bytes instead of %s: dropped, fetching again", node.sop_uid, length,

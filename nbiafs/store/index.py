@@ -66,6 +66,8 @@ class Entry:
     path: str
     size: int
     used: float  # wall-clock time of the last use (the file's mtime on disk)
+    #: the length it had when fetched (its digests record), once read: -1 when there is no record
+    fetched_length: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +150,7 @@ class CacheIndex:
     # ------------------------------------------------------------------ changes
     def add(self, path: str, size: int) -> Entry:
         """A file just renamed into place: record it, then keep the bound (evicting others)."""
-        entry = Entry(path, size, self._clock())
+        entry = Entry(path, size, self._clock(), size)
         with self._lock:
             old = self._entries.pop(path, None)
             if old is not None:
@@ -202,6 +204,14 @@ class CacheIndex:
             self._entries[path] = entry
             self._total += size
         return entry
+
+    def fetched_length(self, entry: Entry) -> int | None:
+        """The length ``entry`` had when it was fetched (None when unrecorded), read from disk once."""
+        known = entry.fetched_length
+        if known is None:
+            recorded = self.digests(entry.path).length
+            known = entry.fetched_length = recorded if recorded is not None else -1
+        return known if known >= 0 else None
 
     # ------------------------------------------------------------------ the whole cache
     @property
