@@ -143,14 +143,26 @@ class _Sockets:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._conns: weakref.WeakSet[HTTPConnection] = weakref.WeakSet()
+        self._shut = False
 
     def add(self, conn: HTTPConnection) -> None:
+        """A connection just made; one made while (or after) the client closed is cut at once, or a
+        request that started connecting before the close would wait out its read timeout."""
         with self._lock:
             self._conns.add(conn)
+            shut = self._shut
+        if shut:
+            sock = getattr(conn, "sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def shutdown(self) -> int:
         """Shut down every socket (both directions); a thread blocked on one returns at once."""
         with self._lock:
+            self._shut = True
             conns = list(self._conns)
         cut = 0
         for conn in conns:

@@ -187,7 +187,9 @@ def run_child(args: argparse.Namespace, serve: Callable[[Settings, str, str, dae
     reporter = daemon.ReadyReporter(args.ready_fd)
     try:
         password = daemon.read_password(args.password_fd) if args.password_fd is not None else ""
-        settings = resolve_args(args).settings
+        # The parent resolved the settings (its --config, config file, environment) and passed every one
+        # as a flag: the child reads nothing else, or a default config file could undo what it said
+        settings = resolve(options.given_flags(args, MOUNT_GROUPS), environ={}, use_config=False).settings
         mp = check_mountpoint(args.mountpoint)
         if serve is not None:
             return serve(settings, mp, password, reporter)
@@ -195,6 +197,11 @@ def run_child(args: argparse.Namespace, serve: Callable[[Settings, str, str, dae
     except BaseException as exc:
         reporter.error(str(exc) or type(exc).__name__)
         raise
+
+
+#: What libfuse's fuse_main returns when its loop ended on a signal after a good mount (it returns 8
+#: for any non-zero loop result; a mount that never came up is told apart by init never running).
+LOOP_ENDED_BY_SIGNAL = 8
 
 
 def run_mount(settings: Settings, mountpoint: str, password: str, *,
@@ -205,11 +212,13 @@ def run_mount(settings: Settings, mountpoint: str, password: str, *,
 
     reporter = reporter or daemon.ReadyReporter(None)
     failure: list[BaseException] = []
+    served: list[bool] = []  # the mount came up (init ran)
 
     control: list[Any] = []
 
     def on_ready(error: BaseException | None) -> None:
         if error is None:
+            served.append(True)
             try:
                 control.append(_start_control(mountpoint, layers, operations))
                 daemon.record_mount(mountpoint, **_record_facts(settings, str(control[0].path)))
@@ -235,9 +244,14 @@ def run_mount(settings: Settings, mountpoint: str, password: str, *,
         try:
             fs.serve(operations, mountpoint, kernel_timeout=settings.kernel_timeout,
                      negative_timeout=settings.negative_timeout, allow_other=settings.allow_other)
-        except RuntimeError as exc:  # libfuse refused to mount (its reason went to the log/stderr)
-            raise MountError(f"could not mount {mountpoint} (libfuse error {exc}); "
-                             f"is it already mounted, or is FUSE unavailable?") from exc
+        except RuntimeError as exc:
+            if served and not failure and str(exc) == str(LOOP_ENDED_BY_SIGNAL):
+                # libfuse's loop ended on SIGTERM/SIGINT/SIGHUP (systemd stop, Ctrl-C): it unmounted
+                # cleanly, which is a stop, not a failure
+                log.info("stopped by a signal; %s is unmounted", mountpoint)
+            else:  # libfuse refused to mount (its reason went to the log/stderr)
+                raise MountError(f"could not mount {mountpoint} (libfuse error {exc}); "
+                                 f"is it already mounted, or is FUSE unavailable?") from exc
         finally:
             daemon.remove_record(mountpoint)
     if failure:

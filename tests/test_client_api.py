@@ -264,3 +264,26 @@ def test_a_refused_password_is_never_sent_again(rsps):
     assert hits(rsps, "oauth/token") == 1 and tokens.refused
     tokens.start()  # the refresher does not start for a refused password
     assert tokens._thread is None
+
+
+def test_a_connection_made_while_the_client_closes_is_cut_too():
+    """A request that was connecting when close() swept the sockets must not wait out its timeout."""
+    import socket as socketlib
+
+    from nbiafs.http import _Sockets
+
+    class Conn:  # what _Sockets uses of an HTTPConnection
+        def __init__(self, sock: socketlib.socket) -> None:
+            self.sock = sock
+
+    ours, theirs = socketlib.socketpair()
+    try:
+        sockets = _Sockets()
+        assert sockets.shutdown() == 0  # the close: nothing connected yet
+        conn = Conn(ours)
+        sockets.add(conn)  # type: ignore[arg-type]  # then the connect finishes
+        ours.settimeout(2)
+        assert ours.recv(1) == b""  # shut down: a reader returns at once
+    finally:
+        ours.close()
+        theirs.close()

@@ -170,10 +170,6 @@ def test_execstart_serves_in_the_foreground_and_sigterm_unmounts(unit: Unit) -> 
     stopped(unit, proc)
 
 
-@pytest.mark.xfail(strict=True, reason="nbiafs.mountcmd.run_mount reports libfuse's return value after a "
-                   "SIGTERM (8: the loop ended on a signal) as 'could not mount ... (libfuse error 8)' and exits 1, "
-                   "although the mount was served and unmounted cleanly; systemctl stop is not affected "
-                   "(ExecStop unmounts first). Remove this mark when mountcmd treats it as a clean stop.")
 def test_a_sigterm_stop_exits_with_success(unit: Unit) -> None:
     proc = start(unit)
     proc.send_signal(signal.SIGTERM)

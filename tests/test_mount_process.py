@@ -213,3 +213,19 @@ def _attached(pid: int) -> bool:
     """True once a tracer is attached to ``pid`` (its TracerPid is set)."""
     status = Path(f"/proc/{pid}/status").read_text()
     return any(line.startswith("TracerPid:") and line.split()[1] != "0" for line in status.splitlines())
+
+
+def test_the_background_process_has_the_settings_of_the_config_file_given_not_the_default_ones(
+        emulator, mounter, tmp_path) -> None:
+    """The default config file turns metadata files off, the one given with --config does not: the
+    mount process must show them (a default is passed on as no flag at all)."""
+    home = tmp_path / "xdg"
+    (home / "nbiafs").mkdir(parents=True)
+    (home / "nbiafs" / "config.toml").write_text("metadata-files = false\n")
+    given = tmp_path / "given.toml"
+    given.write_text("layout = \"descriptive\"\n")
+    env = {"XDG_CONFIG_HOME": str(home)}
+    m = mounter(emulator, extra=("--config", str(given)), env=env)
+    assert ".nbiafs" in os.listdir(m.path)
+    plain = mounter(emulator, env=env)  # and the default file is read when none is given
+    assert ".nbiafs" not in os.listdir(plain.path)
