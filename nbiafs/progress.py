@@ -14,6 +14,7 @@ means for them) and hand the finished line to :meth:`Progress.close`. Nothing he
 
 from __future__ import annotations
 
+import io
 import sys
 import threading
 import time
@@ -81,9 +82,11 @@ class Progress:
         if self.tty:
             from tqdm import tqdm
 
+            # A terminal that reports no size (a bare pty, `script`) gets a fixed one: tqdm draws nothing there.
+            size: dict[str, Any] = {"dynamic_ncols": True} if _sized(self.stream) else {
+                "ncols": DEFAULT_COLUMNS, "nrows": DEFAULT_ROWS}
             self._bar = tqdm(total=nbytes, unit="B", unit_scale=True, unit_divisor=1024, desc=what,
-                             file=self.stream, dynamic_ncols=True, leave=False, smoothing=0.1)
-            self._bar.set_postfix_str(self._files_text(), refresh=False)
+                             file=self.stream, leave=False, smoothing=0.1, postfix=self._files_text(), **size)
 
     def _files_text(self) -> str:
         return f"{self.tally.done + self.tally.failed}/{self.files} {self.unit}"
@@ -141,6 +144,22 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: The size of a terminal that does not say how big it is.
+DEFAULT_COLUMNS = 100
+DEFAULT_ROWS = 24
+
+
+def _sized(stream: TextIO) -> bool:
+    """Whether the terminal behind ``stream`` knows its size."""
+    import os
+
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return False
+    return size.columns > 0 and size.lines > 0
 
 
 def _isatty(stream: TextIO) -> bool:
