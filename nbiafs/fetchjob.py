@@ -334,12 +334,15 @@ def ensure_healing(store: Any, nodes: Sequence[Any], *, verify_md5: bool, worker
     workers). ``handle`` returns True when the file must go again (its cached copy was lost or found
     bad); unless ``last``, such files are healed (:func:`heal`) and ensured once more."""
     pending = list(nodes)
+    healed: set[int] = set()  # ids of the nodes fetched again by heal(): "cached" for ensure, fetched in truth
     for attempt in range(HEAL_PASSES + 1):
         last = attempt == HEAL_PASSES
         again: list[Any] = []
         lock = threading.Lock()
 
         def one(outcome: Any, last: bool = last, again: list[Any] = again, lock: threading.Lock = lock) -> None:
+            if outcome.status == "cached" and id(outcome.node) in healed:
+                outcome = dataclasses.replace(outcome, status="fetched")
             if handle(outcome, last) and not last:
                 with lock:
                     again.append(outcome.node)
@@ -350,4 +353,5 @@ def ensure_healing(store: Any, nodes: Sequence[Any], *, verify_md5: bool, worker
         log.info("%d file(s) left the cache before they could be used: fetching them again", len(again))
         for node in again:
             heal(store, node)
+            healed.add(id(node))
         pending = again
