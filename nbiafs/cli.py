@@ -1,8 +1,9 @@
 """Command-line parsing for ``nbiafs``: builds arguments and hands them to the module that owns each command.
 
 Commands: ``mount``, ``unmount`` (:mod:`nbiafs.mountcmd`), ``demo`` (:mod:`nbiafs.demo`), ``refresh``
-(:mod:`nbiafs.refreshcmd`), ``config`` (the effective settings and where each came from) and
-``emulator`` (:mod:`nbiafs.emulator.command`).
+(:mod:`nbiafs.refreshcmd`), ``prefetch`` (:mod:`nbiafs.prefetchcmd`), ``download``
+(:mod:`nbiafs.downloadcmd`), ``cache info|verify|clear`` (:mod:`nbiafs.cachecmd`), ``config`` (the
+effective settings and where each came from) and ``emulator`` (:mod:`nbiafs.emulator.command`).
 Every option flag comes from the table in :mod:`nbiafs.options`. Nothing here talks to a server or
 touches FUSE.
 """
@@ -53,6 +54,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_refresh = sub.add_parser("refresh", help="list folders of a mount again now (collections gain series)")
     p_refresh.add_argument("paths", nargs="+", metavar="PATH", help="a folder inside a running nbiafs mount")
+
+    from .fetchjob import FETCH_GROUPS
+
+    p_prefetch = sub.add_parser("prefetch", help="fill the cache with folders of a mount or a manifest's series")
+    p_prefetch.add_argument("paths", nargs="*", metavar="PATH",
+                            help="a collection, patient, study or series folder or a file inside a live mount")
+    options.add_flags(p_prefetch, FETCH_GROUPS)
+    _add_config_flag(p_prefetch)
+
+    p_download = sub.add_parser("download", help="write folders of a mount or a manifest's series into a folder")
+    p_download.add_argument("items", nargs="+", metavar="PATH... DEST",
+                            help="folders or files inside a live mount (or none, with --manifest), then the "
+                                 "destination folder")
+    options.add_flags(p_download, FETCH_GROUPS)
+    _add_config_flag(p_download)
+
+    p_cache = sub.add_parser("cache", help="what the cache holds, check it, or empty it")
+    cache_sub = p_cache.add_subparsers(dest="cache_action", required=True, metavar="ACTION")
+    from .cachecmd import ACTIONS
+
+    for action, (text, names) in ACTIONS.items():
+        p_action = cache_sub.add_parser(action, help=text)
+        options.add_named_flags(p_action, names)
+        _add_config_flag(p_action)
 
     p_config = sub.add_parser("config", help="print the effective settings and where each comes from")
     options.add_flags(p_config, options.GROUPS)
@@ -122,6 +147,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .refreshcmd import refresh
 
             return refresh(args)
+        if args.command == "prefetch":
+            from .prefetchcmd import prefetch
+
+            return prefetch(args)
+        if args.command == "download":
+            from .downloadcmd import download
+
+            return download(args)
+        if args.command == "cache":
+            from .cachecmd import cache
+
+            return cache(args)
         if args.command == "demo":
             from .demo import demo
 

@@ -93,6 +93,8 @@ class Settings:
     metadata_ttl: float = _d("metadata_ttl")
     offline: bool = _d("offline")
     manifest: Path | None = _d("manifest")
+    dry_run: bool = _d("dry_run")
+    verify_md5: bool = _d("verify_md5")
     layout: str = _d("layout")
     foreground: bool = _d("foreground")
     prefetch: bool = _d("prefetch")
@@ -106,6 +108,7 @@ class Settings:
     kernel_timeout: float = _d("kernel_timeout")
     negative_timeout: float = _d("negative_timeout")
     ready_timeout: float = _d("ready_timeout")
+    force: bool = _d("force")
     log_file: Path | None = _d("log_file")
     log_level: str = _d("log_level")
 

@@ -299,6 +299,24 @@ def mount_record(mountpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
     return record
 
 
+def live_mounts() -> list[dict[str, Any]]:
+    """The run records of every live nbiafs mount of this user (stale records are removed on the way)."""
+    try:
+        paths = sorted(runtime_dir().glob("mount-*.json"))
+    except (OSError, NbiaError):
+        return []
+    records = []
+    for path in paths:
+        try:
+            mountpoint = json.loads(path.read_text()).get("mountpoint")
+        except (OSError, ValueError, AttributeError):
+            continue
+        record = mount_record(mountpoint) if isinstance(mountpoint, str) else None
+        if record is not None:
+            records.append(record)
+    return records
+
+
 def mount_processes(mountpoint: str | os.PathLike[str]) -> list[int]:
     """The pid of the nbiafs process serving ``mountpoint`` ([] when none: never mounted, or it died)."""
     record = mount_record(mountpoint)

@@ -11,7 +11,8 @@ Shape: an option is a frozen record; its ``kind`` says how text becomes a value 
 bytes, ``duration`` "1d" -> seconds, ``octal`` "022" -> int...), so a flag, an environment variable and a
 TOML string parse the same way. ``groups`` say which commands take it: ``server`` (anything that talks
 to an NBIA server), ``cache`` (anything that uses the cache), ``scope`` (what part of the archive:
-a manifest), ``mount`` (the file system), ``log``.
+a manifest), ``fetch`` (``prefetch`` and ``download``), ``mount`` (the file system), ``admin`` (``cache
+clear``), ``log``. An option may be in several groups (``layout``: the mount's and a download's names).
 Passwords are never options: they come from the environment, a prompt or a pipe (see :mod:`nbiafs.auth`).
 """
 
@@ -26,7 +27,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-GROUPS = ("server", "cache", "scope", "mount", "log")
+GROUPS = ("server", "cache", "scope", "fetch", "mount", "admin", "log")
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,9 +261,16 @@ OPTIONS: tuple[Option, ...] = (
     _opt("manifest", None, "a TCIA manifest (.tcia, the portal's cart): show or fetch only its series and the "
          "folders above them", "work on a cart without the rest of the archive in the way", "path", "scope",
          metavar="FILE"),
+    # -- prefetch and download -------------------------------------------------------------------
+    _opt("dry_run", False, "print the series, files and bytes that would be fetched, and whether they fit "
+         "the cache (or DEST); fetch nothing", "see what a cart costs before spending the bandwidth and the disk",
+         "bool", "fetch"),
+    _opt("verify_md5", True, "check every instance against the server's MD5 (a mismatch is fetched again, "
+         "never kept)", "a body of the right length can still be the wrong bytes; the Data Retriever checks "
+         "MD5s too", "bool", "fetch"),
     # -- the mount -------------------------------------------------------------------------------
     _opt("layout", "descriptive", "folder names: the NBIA Data Retriever's descriptive layout, or raw UIDs",
-         "scripts written for Data Retriever downloads then work on the mount", "choice", "mount",
+         "scripts written for Data Retriever downloads then work on the mount", "choice", "mount fetch",
          choices=("descriptive", "uid")),
     _opt("foreground", False, "stay in the foreground (Ctrl-C unmounts)", "for debugging and service managers",
          "bool", "mount", short="-f"),
@@ -296,6 +304,10 @@ OPTIONS: tuple[Option, ...] = (
     _opt("ready_timeout", 60.0, "how long mount waits for the background mount process to be ready",
          "covers a slow first answer from the server; a healthy mount is ready in about a second",
          "duration", "mount", metavar="SECONDS", minimum=0.1),
+    # -- cache maintenance ------------------------------------------------------------------------
+    _opt("force", False, "nbiafs cache clear: empty the cache even while a live mount uses it",
+         "a mount fetches again what it loses, so clearing under it is safe, only slow for its readers",
+         "bool", "admin"),
     # -- logging ---------------------------------------------------------------------------------
     _opt("log_file", None, "write the log to this file (default: standard error; nothing once in the background)",
          "a background mount has no terminal", "path", "log", metavar="FILE"),
@@ -324,17 +336,27 @@ def in_groups(groups: Iterable[str]) -> list[Option]:
 def add_flags(parser: argparse.ArgumentParser, groups: Iterable[str]) -> None:
     """Add the flags of every option in ``groups``. Every flag defaults to None: "not given"."""
     for opt in in_groups(groups):
-        names = [opt.flag] + ([opt.short] if opt.short else [])
-        if opt.kind == "bool":
-            text = f"do not {opt.help}" if opt.default else opt.help
-            parser.add_argument(*names, dest=opt.name, action="store_const", const=not opt.default,
-                                default=None, help=text)
-        else:
-            text = f"{opt.help} (default: {opt.default_text()})"
-            upper: dict[str, Any] = {"type": str.upper} if opt.name == "log_level" else {}
-            parser.add_argument(*names, dest=opt.name, default=None,
-                                metavar=None if opt.choices else (opt.metavar or opt.name.upper()),
-                                help=text, choices=opt.choices or None, **upper)
+        _add_flag(parser, opt)
+
+
+def add_named_flags(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
+    """Add the flags of the options ``names`` (a command that takes a few options of a group)."""
+    for name in names:
+        _add_flag(parser, BY_NAME[name])
+
+
+def _add_flag(parser: argparse.ArgumentParser, opt: Option) -> None:
+    names = [opt.flag] + ([opt.short] if opt.short else [])
+    if opt.kind == "bool":
+        text = f"do not {opt.help}" if opt.default else opt.help
+        parser.add_argument(*names, dest=opt.name, action="store_const", const=not opt.default,
+                            default=None, help=text)
+    else:
+        text = f"{opt.help} (default: {opt.default_text()})"
+        upper: dict[str, Any] = {"type": str.upper} if opt.name == "log_level" else {}
+        parser.add_argument(*names, dest=opt.name, default=None,
+                            metavar=None if opt.choices else (opt.metavar or opt.name.upper()),
+                            help=text, choices=opt.choices or None, **upper)
 
 
 def given_flags(args: argparse.Namespace, groups: Iterable[str]) -> dict[str, Any]:

@@ -17,7 +17,9 @@ from nbiafs.cli import build_parser
 from nbiafs.client import NbiaClient
 from nbiafs.config import Settings, load_config_file, resolve
 from nbiafs.errors import ConfigError
+from nbiafs.fetchjob import FETCH_GROUPS
 from nbiafs.http import RetryPolicy
+from nbiafs.mountcmd import MOUNT_GROUPS
 
 
 def _subparser(name: str) -> argparse.ArgumentParser:
@@ -37,15 +39,19 @@ def test_settings_defaults_are_the_tables() -> None:
             assert getattr(settings, opt.name) == opt.default, opt.name
 
 
-@pytest.mark.parametrize("command", ["mount", "demo", "config"])
-def test_every_flag_of_the_mount_commands_comes_from_the_table(command) -> None:
+@pytest.mark.parametrize(("command", "groups"), [
+    ("mount", MOUNT_GROUPS), ("demo", MOUNT_GROUPS), ("config", options.GROUPS),
+    ("prefetch", FETCH_GROUPS), ("download", FETCH_GROUPS),
+])
+def test_every_flag_of_the_commands_comes_from_the_table(command, groups) -> None:
     parser = _subparser(command)
     flags = {s for a in parser._actions for s in a.option_strings if s.startswith("--")}
-    wanted = {o.flag for o in options.OPTIONS}
+    mine = options.in_groups(groups)
+    wanted = {o.flag for o in mine}
     assert wanted <= flags
     extra = flags - wanted - {"--help", "--config", "--ready-fd", "--password-fd"}
     assert not extra, f"flags outside the options table: {extra}"
-    for opt in options.OPTIONS:  # and their help is the table's
+    for opt in mine:  # and their help is the table's
         action = next(a for a in parser._actions if opt.flag in a.option_strings)
         assert opt.help in (action.help or ""), opt.name
         assert action.default is None  # "not given": the config file and the environment may set it
