@@ -223,7 +223,8 @@ class Catalog:
         self._series_files: cachetools.LRUCache[str, tuple[dict[str, Node], tuple[Node, ...]]] = \
             cachetools.LRUCache(1024)
         self._wait_timeout = DRILL_WAIT
-        self._drill_works = False  # a drill-down answered with instances lately (listing a series is cheap)
+        #: a drill-down answered with instances lately (listing a series is cheap); None: none tried yet
+        self._drill_works: bool | None = None
         self._lock = threading.Lock()  # guards _listings, _drilled and _drill_flights
 
     # -- public -------------------------------------------------------------------------------
@@ -258,10 +259,11 @@ class Catalog:
         return files
 
     @property
-    def series_listing_is_cheap(self) -> bool:
+    def series_listing_is_cheap(self) -> bool | None:
         """True when listing a series costs metadata calls only (the drill-down answered lately), not
-        fetching its files to learn their sizes: what a walk-ahead may do unasked."""
-        return self.use_drilldown and self._drill_works
+        fetching its files to learn their sizes: what a walk-ahead may do unasked. None while no
+        drill-down was tried yet (the next series listing tells)."""
+        return self._drill_works if self.use_drilldown else False
 
     def children_of(self, node: Node) -> list[Node]:
         """The entries of the directory ``node`` (from a listing: no lookup from the root)."""

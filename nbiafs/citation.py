@@ -7,7 +7,10 @@ bounded-retry transport as the NBIA client (one deadline, no endless waits) and 
 the way DataCite's own "cite as" does (``Creators (Year). Title [Data set]. Publisher. https://doi.org/DOI``).
 
 A citation is a nicety: any failure (no network to DataCite, an unknown DOI, a malformed record) is
-logged and gives None; the caller then leaves the citation out.
+logged and gives None; the caller then leaves the citation out. So it is asked for with a short policy
+of its own (one retry, a few seconds in all), not the NBIA calls' retries: ``find -ls`` stats every
+``.collection.json``, and on a cluster without internet each stat waited out the full backoff (~7 s)
+before the file could be shown without its citation.
 """
 
 from __future__ import annotations
@@ -22,11 +25,15 @@ from urllib.parse import quote
 import requests
 
 from .errors import NbiaError, ProtocolError
-from .http import Retryable, Transport
+from .http import Retryable, RetryPolicy, Transport
 
 log = logging.getLogger(__name__)
 
 DOI_LINK = "https://doi.org/"
+#: One retry, at most CITATION_DEADLINE seconds in all; connecting gives up after 3 s.
+CITATION_DEADLINE = 8.0
+CITATION_POLICY = RetryPolicy(retries=1, backoff=0.5, deadline=CITATION_DEADLINE)
+CITATION_TIMEOUT = (3.0, CITATION_DEADLINE)
 _DOI_RE = re.compile(r"(10\.\d{4,9}/\S+)", re.IGNORECASE)
 
 
@@ -91,7 +98,13 @@ def citation_from(record: Any, doi: str) -> Citation | None:
 
 
 def fetch_citation(transport: Transport, datacite_url: str, doi: str) -> Citation | None:
-    """The citation of ``doi`` from the DataCite API at ``datacite_url``; None on any failure."""
+    """The citation of ``doi`` from the DataCite API at ``datacite_url``; None on any failure.
+
+    Sent on ``transport``'s session (its connections, and its close cuts this call too) with the short
+    :data:`CITATION_POLICY`.
+    """
+    transport = Transport(transport.session, policy=CITATION_POLICY, timeout=CITATION_TIMEOUT,
+                          clock=transport.clock, closed=transport.closed)
     url = f"{datacite_url.rstrip('/')}/dois/{quote(doi, safe='/')}"
     what = f"DataCite record of {doi}"
 

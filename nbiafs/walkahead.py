@@ -16,7 +16,10 @@ listing drills down every series of the study in one pair of calls, so the other
 is done (they then cost no call), instead of idling workers that would wait for that same pair.
 Listing alone (``ls`` of a folder) starts nothing. Series are listed ahead only while the drill-down
 works (the catalog says so): without it, listing a series means fetching its files to learn their
-sizes, and nobody asked for those bytes.
+sizes, and nobody asked for those bytes. Before any drill-down was tried (a cold mount), one series is
+listed ahead as the probe, and the studies whose series come after it wait for its answer (then go on,
+or drop their series when the drill-down does not work), so a cold walk is not left to list every
+series itself.
 
 Bounds: at most ``workers`` listings at once (they share the client's connections with readers, so a walk
 never starves an ``open``), at most ``max_queued`` folders waiting, and a walk ends when its queue is
@@ -60,7 +63,7 @@ class _Dir(Protocol):
 
 class _Tree(Protocol):  # the part of Catalog the walk-ahead uses
     @property
-    def series_listing_is_cheap(self) -> bool: ...
+    def series_listing_is_cheap(self) -> bool | None: ...  # None: not known yet
     def lookup(self, path: str) -> _Dir: ...
     def children_of(self, node: Any) -> Sequence[_Dir]: ...  # node: one this tree returned
 
@@ -116,6 +119,9 @@ class WalkAhead:
         self._queued: set[str] = set()
         #: series held back until the first of their study is listed (its drill-down covers them)
         self._after: dict[str, list[_Dir]] = {}
+        #: the series listed ahead to learn whether the drill-down works, and the studies waiting for it
+        self._probe: str | None = None
+        self._waiting: list[tuple[str, _Dir]] = []
         self._busy = 0
         self._threads: list[threading.Thread] = []
         self._stopped = False
@@ -139,6 +145,7 @@ class WalkAhead:
             self._queue.clear()
             self._queued.clear()
             self._after.clear()
+            self._waiting.clear()
             self._wake.notify_all()
             threads, self._threads = self._threads, []
         for thread in threads:
@@ -243,17 +250,31 @@ class WalkAhead:
                 self.listed_ahead += 1
                 walk = self._walks.get(walk_root)
                 held = self._after.pop(folder.path, [])
+                cheap = self._tree.series_listing_is_cheap
+                if folder.path == self._probe:  # the drill-down answered (or not): the waiting go on
+                    self._probe = None
+                    for waiting_root, study in self._waiting:
+                        if waiting_root in self._walks:  # listed again from the catalog's listing: no call
+                            self._enqueue(waiting_root, [study])
+                    self._waiting.clear()
                 if walk is not None:
                     walk.failed = walk.failed or failed
                     series = [c for c in subfolders if c.kind == "series"]
-                    if series and not self._tree.series_listing_is_cheap:
-                        # no drill-down: listing a series would fetch its files to learn their sizes
-                        subfolders = [c for c in subfolders if c.kind != "series"]
-                        series = []
+                    others = [c for c in subfolders if c.kind != "series"]
+                    if series and cheap is None:  # not known yet: one series asks, the others wait
+                        if self._probe is None:
+                            self._probe = series[0].path
+                        else:
+                            self._waiting.append((walk_root, folder))
+                            series = []
+                    elif series and not cheap:
+                        series = []  # no drill-down: listing a series would fetch its files for their sizes
+                    if not cheap:
+                        held = [c for c in held if c.kind != "series"]
                     if folder.kind == "study" and len(series) > 1:
                         self._after[series[0].path] = series[1:]
-                        subfolders = [c for c in subfolders if c.kind != "series"] + series[:1]
-                    self._enqueue(walk_root, [*subfolders, *held])
+                        series = series[:1]
+                    self._enqueue(walk_root, [*others, *series, *held])
                 self._wake.notify_all()
 
 

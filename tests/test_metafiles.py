@@ -34,6 +34,27 @@ def test_a_datacite_record_becomes_a_citation() -> None:
     assert citation_from({"data": {"attributes": {}}}, "10.1/x") is None
 
 
+def test_an_unreachable_datacite_costs_one_retry_not_the_nbia_calls_backoff() -> None:
+    import random
+
+    import requests
+    import responses
+
+    from nbiafs.citation import fetch_citation
+    from nbiafs.http import RetryPolicy, Transport
+
+    waits: list[float] = []
+    transport = Transport(requests.Session(), policy=RetryPolicy(retries=4, backoff=0.5, deadline=120),
+                          rng=random.Random(1))
+    transport.closed.wait = lambda delay: bool(waits.append(delay))  # type: ignore[method-assign]
+    with responses.RequestsMock() as mock:
+        mock.add(responses.GET, "https://datacite.test/dois/10.1/x",
+                 body=requests.ConnectionError("Name or service not known"))
+        assert fetch_citation(transport, "https://datacite.test", "10.1/x") is None
+        assert len(mock.calls) == 2  # one retry: stat of a .collection.json waits ~0.5 s, not ~7 s
+    assert len(waits) == 1 and waits[0] <= 0.5
+
+
 @pytest.fixture
 def emu_no_datacite(archive_dir: Path):
     emu = Emulator(archive_dir, datacite=False).start()

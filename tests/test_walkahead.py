@@ -38,7 +38,9 @@ class FakeTree:
         self.inside = 0
         self.most_inside = 0
         self.fail: set[str] = set()
-        self.series_listing_is_cheap = True
+        self.series_listing_is_cheap: bool | None = True
+        #: what listing a series shows of the drill-down while it is unknown (None)
+        self.drill_works: bool | None = None
 
     def lookup(self, path: str) -> D:
         depth = 0 if path == "/" else path.count("/")
@@ -55,6 +57,8 @@ class FakeTree:
                 self.hold.wait(10)
             if path in self.fail:
                 raise ServerError("503")
+            if path.count("/") == 4 and self.series_listing_is_cheap is None:
+                self.series_listing_is_cheap = self.drill_works  # a series listing tried the drill-down
             depth = 0 if path == "/" else path.count("/")
             kinds = {0: ("collection", 1), 1: ("patient", 6), 2: ("study", 2), 3: ("series", 3), 4: ("instance", 4)}
             kind, count = kinds[depth]
@@ -177,6 +181,37 @@ def test_without_a_working_drill_down_series_are_never_listed_ahead(clock) -> No
         walker.on_readdir("/C/p0", "patient")
         assert walker.idle(10)
         assert "/C/p5/s1" in tree.calls and not any(c.count("/") == 4 for c in tree.calls)
+    finally:
+        walker.stop()
+
+
+def test_a_cold_walk_probes_the_drill_down_with_one_series_then_lists_the_rest_ahead(clock) -> None:
+    tree = FakeTree()
+    tree.series_listing_is_cheap = None  # a cold mount: no drill-down tried yet
+    tree.drill_works = True
+    walker = make(tree, clock)
+    try:
+        walker.on_readdir("/C", "collection")
+        walker.on_readdir("/C/p0", "patient")
+        assert walker.idle(10)
+        series = {c for c in tree.calls if c.count("/") == 4}
+        # every series, as when the drill-down is known to work (the first of a study before its siblings)
+        assert series == {f"/C/p{p}/s{s}/s{n}" for p in range(6) for s in range(2) for n in range(3)}
+    finally:
+        walker.stop()
+
+
+def test_a_cold_walk_whose_probe_finds_no_drill_down_lists_no_other_series(clock) -> None:
+    tree = FakeTree()
+    tree.series_listing_is_cheap = None
+    tree.drill_works = False  # the probe learns that listing a series fetches its files
+    walker = make(tree, clock)
+    try:
+        walker.on_readdir("/C", "collection")
+        walker.on_readdir("/C/p0", "patient")
+        assert walker.idle(10)
+        assert len([c for c in tree.calls if c.count("/") == 4]) == 1
+        assert "/C/p5/s1" in tree.calls  # every study still listed ahead
     finally:
         walker.stop()
 
