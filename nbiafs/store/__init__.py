@@ -60,6 +60,9 @@ __all__ = ["InstanceStore", "StoreStats", "EnsureReport", "Outcome", "VerifyRepo
 
 #: Share of the cache bound that files fetched ahead but not opened yet may fill.
 READ_AHEAD_SHARE = 0.25
+#: Of a cached file just opened, this much is asked of the disk at once (the kernel reads it while the
+#: reader's first requests come through FUSE): DICOM readers read the whole file, in small requests.
+READ_SOON = 8 << 20
 #: Bytes being fetched ahead at once, at most (files of any size: one always may be).
 IN_FLIGHT_LIMIT = 64 * 1024 * 1024
 #: open() returns once this much of an instance (or all of it) has arrived: its first bytes.
@@ -601,6 +604,7 @@ class InstanceStore:
             return None
         self._note_length(node, length)
         self._index.touch(entry)
+        _read_soon(fd, length)
         return FileHandle(fd, length)
 
     # ----------------------------------------------------------------- bulk jobs of the commands
@@ -823,3 +827,10 @@ def _instance_number(stream: BinaryIO, sop_uid: str) -> int | None:
         return None
 
 
+def _read_soon(fd: int, length: int) -> None:
+    """Ask the kernel to read the start of a cached file now (after a remount its pages are cold, and
+    each FUSE read would otherwise wait for the disk in turn); a hint: failure changes nothing."""
+    try:
+        os.posix_fadvise(fd, 0, min(length, READ_SOON), os.POSIX_FADV_WILLNEED)
+    except (OSError, AttributeError):  # AttributeError: a platform without posix_fadvise
+        pass
