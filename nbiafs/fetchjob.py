@@ -18,10 +18,11 @@ What it owns:
   flight, so the work ends within moments and a part file is all a transfer leaves (never a file
   that looks complete; the store removes part files). A re-run fetches only what is missing.
 * :func:`ensure_healing`: the store's ``ensure`` plus one more pass for the files whose cached copy
-  went away under the store's index (another process evicted it, or a command dropped a copy it
-  found bad). The store's ``ensure`` reports those as failures ("No such file or directory") instead
-  of fetching them again, while its ``open`` notices the loss and fetches: so a lost file is opened
-  once (which fetches it and fixes the index) and ensured again.
+  went away under the store's index while ``ensure`` was reading it (another process evicted it
+  between the store's check and its MD5 read, or a command dropped a copy it found bad): ``ensure``
+  reports those as failures ("No such file or directory"); a lost file is then opened once (which
+  fetches it and fixes the index) and ensured again. (A copy already gone or cut when ``ensure``
+  looks is fetched again by ``ensure`` itself.)
 
 Why it is shaped so: both commands need exactly this, in the same order (settings, a server check,
 the layers, the pick, the job), and differ only in what they do with each finished file.

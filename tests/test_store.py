@@ -675,6 +675,22 @@ def test_ensure_fetches_what_is_missing_checks_md5s_and_a_rerun_fetches_nothing(
     assert fetches(client) == before and client.calls["md5_for_image"] == md5_calls  # nothing asked again
 
 
+@pytest.mark.parametrize("verify_md5", [True, False])
+def test_ensure_fetches_again_a_cached_file_that_went_away_or_was_cut_under_the_index(make_store, client,
+                                                                                      verify_md5):
+    store = make_store()
+    gone, cut = node(81), node(82)
+    report = store.ensure([gone, cut])
+    assert report.ok
+    os.unlink(store.cached_path(gone))  # another process evicted it, or a hand
+    with open(store.cached_path(cut), "r+b") as fh:
+        fh.truncate(10)
+    again = store.ensure([gone, cut], verify_md5=verify_md5)
+    assert again.ok and {o.status for o in again.outcomes} == {"fetched"}
+    for n in (gone, cut):
+        assert Path(store.cached_path(n)).read_bytes() == body(client, n)
+
+
 def test_a_body_that_is_not_the_servers_file_is_fetched_again_then_reported_never_kept(make_store, client,
                                                                                       monkeypatch):
     store = make_store()

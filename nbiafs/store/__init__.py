@@ -656,6 +656,8 @@ class InstanceStore:
         path = self._index.path_for(series_uid, sop_uid)
         server_md5 = None
         entry = self._index.lookup(path)
+        if entry is not None and not self._still_there(path, entry):
+            entry = None  # gone or cut under the index (another process, a hand): fetched again below
         if entry is not None:
             digests = self._index.digests(path)
             if not verify_md5:
@@ -700,6 +702,22 @@ class InstanceStore:
             if not isinstance(download.error, IntegrityError):
                 break
         return Outcome(node, "failed", int(node.size or 0), last)
+
+    def _still_there(self, path: str, entry: Any) -> bool:
+        """Whether the cached file of ``entry`` is on disk with the length it was fetched with; if not,
+        it leaves the index (as an open finds out)."""
+        try:
+            length = os.stat(path).st_size
+        except FileNotFoundError:
+            length = None
+        recorded = self._index.fetched_length(entry)
+        if length is not None and length > 0 and (recorded is None or length == recorded):
+            return True
+        log.warning("cached %s is %s: fetching it again", path,
+                    "gone" if length is None else f"{length} bytes instead of {recorded}")
+        self._counters.add("corrupt_dropped")
+        self._index.remove(path)
+        return False
 
     def _server_md5(self, sop_uid: str) -> str:
         client = self._client
