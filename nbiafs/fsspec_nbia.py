@@ -10,7 +10,7 @@ nothing of FUSE (neither :mod:`nbiafs.fuselib` nor mfusepy), so it works where t
 no ``/dev/fuse`` and no root: Colab, clusters, containers, macOS.
 
 Keyword arguments are the names of the options table (:mod:`nbiafs.options`) that make sense without
-a mount: the ``server`` and ``cache`` groups plus ``layout`` and ``prefetch`` (and ``config``, the
+a mount: the ``server`` and ``cache`` groups plus ``layout``, ``prefetch`` and ``series_zip`` (and ``config``, the
 config file, as ``--config``). They are layered over the config file and the ``NBIAFS_*`` variables
 as for ``nbiafs mount``; an unknown name or a mount-only one is refused (``TypeError``), a bad value
 too (``ValueError``). A named account's password comes from ``NBIA_PASSWORD`` (or a prompt on a
@@ -55,11 +55,11 @@ from .sharedlayers import Lease, SharedLayers
 log = logging.getLogger(__name__)
 
 PROTOCOL = "nbia"
-#: Option names the file system takes: everything about the server and the cache, and the two mount
+#: Option names the file system takes: everything about the server and the cache, and the mount
 #: options that shape the tree and the fetching. The rest (allow_other, uid, kernel_timeout...) only
 #: mean something to a kernel mount; logging is the application's to configure.
 FSSPEC_OPTIONS: frozenset[str] = frozenset(
-    [o.name for o in options.in_groups(("server", "cache"))] + ["layout", "prefetch"])
+    [o.name for o in options.in_groups(("server", "cache"))] + ["layout", "prefetch", "series_zip"])
 #: Keyword arguments beside the options: the config file (as ``--config``).
 EXTRA_KWARGS = frozenset({"config"})
 #: Read-ahead of an open file: instances are 0.1-1 MB, so one block usually holds the whole file and

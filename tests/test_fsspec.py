@@ -285,7 +285,7 @@ def test_keyword_arguments_are_the_option_tables(tmp_path: Path) -> None:
     assert (settings.cache_size, settings.workers, settings.layout, settings.prefetch, settings.offline,
             settings.deadline) == (20 * 1024**3, 3, "uid", False, True, 60.0)
     assert settings.cache_dir == tmp_path.resolve()
-    assert {"server", "user", "cache_dir", "cache_size", "layout", "prefetch", "offline"} <= FSSPEC_OPTIONS
+    assert {"server", "user", "cache_dir", "cache_size", "layout", "prefetch", "series_zip", "offline"} <= FSSPEC_OPTIONS
     with pytest.raises(TypeError, match="cache_sise"):
         settings_from({"cache_sise": "1G"})
     with pytest.raises(TypeError, match="allow_other is a mount option"):
