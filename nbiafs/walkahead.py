@@ -214,6 +214,8 @@ class WalkAhead:
             self._queued.discard(folder.path)
             if walk_root in self._walks:
                 return walk_root, folder
+            if folder.path == self._probe:  # its walk ended: the probe will not be listed
+                self._release_waiting()
         if not self._busy:  # nothing left to list: every walk still on is complete
             for root, walk in self._walks.items():
                 if not walk.failed:
@@ -252,11 +254,7 @@ class WalkAhead:
                 held = self._after.pop(folder.path, [])
                 cheap = self._tree.series_listing_is_cheap
                 if folder.path == self._probe:  # the drill-down answered (or not): the waiting go on
-                    self._probe = None
-                    for waiting_root, study in self._waiting:
-                        if waiting_root in self._walks:  # listed again from the catalog's listing: no call
-                            self._enqueue(waiting_root, [study])
-                    self._waiting.clear()
+                    self._release_waiting()
                 if walk is not None:
                     walk.failed = walk.failed or failed
                     series = [c for c in subfolders if c.kind == "series"]
@@ -275,7 +273,18 @@ class WalkAhead:
                         self._after[series[0].path] = series[1:]
                         series = series[:1]
                     self._enqueue(walk_root, [*others, *series, *held])
+                    if self._probe is not None and self._probe not in self._queued and not self._busy:
+                        self._release_waiting()  # the probe found no room in the queue: nobody waits for it
                 self._wake.notify_all()
+
+    def _release_waiting(self) -> None:
+        """The probe is done (or will never be listed): the studies waiting for it are queued again
+        (lock held); listing them again comes from the catalog's listings, without a call."""
+        self._probe = None
+        waiting, self._waiting = self._waiting, []
+        for walk_root, study in waiting:
+            if walk_root in self._walks:
+                self._enqueue(walk_root, [study])
 
 
 def _under(path: str, root: str) -> bool:
