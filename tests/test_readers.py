@@ -70,6 +70,7 @@ def test_dcm2niix_converts_the_120_slice_series(mounted: Path, tmp_path: Path) -
     import SimpleITK as sitk
 
     series = big_series(mounted)
+    assert (series / ".series.json").is_file() and os.getxattr(series, "user.nbia.uid")  # metadata beside
     done = subprocess.run(["dcm2niix", "-z", "n", "-o", str(tmp_path), str(series)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -83,8 +84,9 @@ def test_simpleitk_series_reader_reads_a_series(mounted: Path) -> None:
     import SimpleITK as sitk
 
     series = big_series(mounted)
+    assert (series / ".series.json").is_file() and os.getxattr(series / "1-001.dcm", "user.nbia.json")
     names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series))
-    assert len(names) == 120
+    assert len(names) == 120 and not any(Path(n).name.startswith(".") for n in names)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(names)
     image = reader.Execute()
