@@ -21,7 +21,8 @@ as_root() {
 # fuse3 is what nbiafs mounts with. The tests also install libfuse2 (and nginx for the shared-cache
 # tests): Ubuntu desktops ship libfuse2 for AppImages, and nbiafs must load libfuse3 with both present.
 apt_packages=(fuse3)
-[[ $WANT_TEST -eq 1 ]] && apt_packages+=(libfuse2 dcmtk dcm2niix nginx strace attr)
+# systemd only for systemd-analyze and systemd-escape, which check the shipped unit (it need not run).
+[[ $WANT_TEST -eq 1 ]] && apt_packages+=(libfuse2 dcmtk dcm2niix nginx strace attr systemd)
 python_ok() { python3 -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; }
 python_ok || apt_packages+=(python3 python3-venv python3-pip)
 
@@ -37,6 +38,7 @@ for pkg in "${apt_packages[@]}"; do
     nginx) command -v nginx >/dev/null && continue ;;
     strace) command -v strace >/dev/null && continue ;;
     attr) command -v getfattr >/dev/null && continue ;;
+    systemd) command -v systemd-analyze >/dev/null && command -v systemd-escape >/dev/null && continue ;;
   esac
   installed "$pkg" || missing+=("$pkg")
 done
