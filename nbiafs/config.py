@@ -106,6 +106,7 @@ class Settings:
     gid: int | None = _d("gid")
     umask: int = _d("umask")
     kernel_timeout: float = _d("kernel_timeout")
+    kernel_read_ahead: int = _d("kernel_read_ahead")
     negative_timeout: float = _d("negative_timeout")
     ready_timeout: float = _d("ready_timeout")
     force: bool = _d("force")

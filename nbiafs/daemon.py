@@ -195,8 +195,9 @@ def _unescape_mountinfo(field: str) -> str:
     return "".join(out)
 
 
-def mount_entry(mountpoint: str | os.PathLike[str]) -> tuple[str, str] | None:
-    """``(fstype, source)`` of what is mounted exactly at ``mountpoint``, or None."""
+def _mountinfo_at(mountpoint: str | os.PathLike[str]) -> tuple[list[str], list[str]] | None:
+    """The fields of the ``/proc/self/mountinfo`` line of what is mounted exactly at ``mountpoint``
+    (before and after its `` - `` separator), or None. The last line wins: it is the one on top."""
     target = canonical(mountpoint)
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as fh:
@@ -207,11 +208,25 @@ def mount_entry(mountpoint: str | os.PathLike[str]) -> tuple[str, str] | None:
     for line in lines:
         left, _, right = line.partition(" - ")
         fields = left.split()
-        if len(fields) < 5 or _unescape_mountinfo(fields[4]) != target:
-            continue
-        rfields = right.split()
-        found = (rfields[0] if rfields else "", _unescape_mountinfo(rfields[1]) if len(rfields) > 1 else "")
-    return found  # the last entry wins: it is the one on top
+        if len(fields) >= 5 and _unescape_mountinfo(fields[4]) == target:
+            found = (fields, right.split())
+    return found
+
+
+def mount_entry(mountpoint: str | os.PathLike[str]) -> tuple[str, str] | None:
+    """``(fstype, source)`` of what is mounted exactly at ``mountpoint``, or None."""
+    found = _mountinfo_at(mountpoint)
+    if found is None:
+        return None
+    rfields = found[1]
+    return (rfields[0] if rfields else "", _unescape_mountinfo(rfields[1]) if len(rfields) > 1 else "")
+
+
+def mount_device(mountpoint: str | os.PathLike[str]) -> str | None:
+    """``major:minor`` of the device mounted exactly at ``mountpoint`` (from the mount table, without
+    touching the mount itself), or None."""
+    found = _mountinfo_at(mountpoint)
+    return found[0][2] if found is not None else None
 
 
 def is_nbiafs_mount(entry: tuple[str, str] | None) -> bool:

@@ -18,6 +18,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 from . import daemon, options
 from .config import Resolved, Settings, resolve
 from .errors import ConfigError, NbiaError
+from .kernelreadahead import set_read_ahead
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +218,16 @@ def run_mount(settings: Settings, mountpoint: str, password: str, *,
 
     control: list[Any] = []
 
+    def finish_start() -> None:
+        try:
+            os.stat(mountpoint)
+        except OSError as exc:  # the mount went away meanwhile; its own error is reported elsewhere
+            log.debug("the mount did not answer after init: %s", exc)
+        else:
+            set_read_ahead(mountpoint, settings.kernel_read_ahead)
+        log.info("mounted %s on %s", settings.base_url, mountpoint)
+        reporter.ready()
+
     def on_ready(error: BaseException | None) -> None:
         if error is None:
             served.append(True)
@@ -226,8 +238,11 @@ def run_mount(settings: Settings, mountpoint: str, password: str, *,
                 log.warning("could not record this mount's process (%s)", exc)
             if layers.walker is not None:
                 layers.walker.start()
-            log.info("mounted %s on %s", settings.base_url, mountpoint)
-            reporter.ready()
+            # Still inside libfuse's init: the kernel takes its read-ahead from the answer to init, after
+            # this returns. So a thread waits for the mount to answer (a stat of its root returns only
+            # then), sets the read-ahead and only then reports ready: ``nbiafs mount`` returns once
+            # the mount serves, read-ahead in place.
+            threading.Thread(target=finish_start, name="nbiafs-ready", daemon=True).start()
         else:
             failure.append(error)
             reporter.error(f"cannot start the mount: {error}")

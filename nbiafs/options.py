@@ -103,18 +103,20 @@ _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d)?\s*$", re.IGN
 _SECONDS = {"ms": 0.001, "": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
 
 
-def parse_size(text: str | int) -> int:
-    """Parse ``500M``, ``20G``, ``1.5T``, ``123456`` (bytes) into bytes (binary units)."""
+def parse_size(text: str | int, *, zero: bool = False) -> int:
+    """Parse ``500M``, ``20G``, ``1.5T``, ``123456`` (bytes) into bytes (binary units); 0 only with ``zero``."""
     if isinstance(text, bool):
         raise ConfigError(f"bad size {text!r}")
     if isinstance(text, int):
-        if text <= 0:
+        if text < 0 or (text == 0 and not zero):
             raise ConfigError("a size must be positive")
         return text
     match = _SIZE_RE.match(str(text))
     if not match:
         raise ConfigError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix")
     value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if value == 0 and zero:
+        return 0
     if value < 1:
         raise ConfigError(f"bad size {text!r}: must be at least one byte")
     return int(value)
@@ -193,7 +195,7 @@ _PARSERS: dict[str, Callable[[Option, Any], Any]] = {
     "str": lambda o, v: str(v),
     "int": _int,
     "float": _float,
-    "size": lambda o, v: parse_size(v),
+    "size": lambda o, v: parse_size(v, zero=o.minimum == 0),
     "duration": lambda o, v: parse_duration(v),
     "bool": _bool,
     "choice": _choice,
@@ -298,6 +300,10 @@ OPTIONS: tuple[Option, ...] = (
          "077 keeps the data to the owner on a shared machine", "octal", "mount", metavar="MASK"),
     _opt("kernel_timeout", 24 * 3600.0, "how long the kernel may cache names and attributes",
          "instances never change, so the kernel need not ask again", "duration", "mount", metavar="SECONDS"),
+    _opt("kernel_read_ahead", 1 << 20, "how much the kernel may ask of a file in one read (the mount's "
+         "read_ahead_kb; set when run as root; 0: the kernel's own, 128 KiB)",
+         "each read is a round trip into nbiafs: one request per 1 MiB instead of per 128 KiB makes warm "
+         "reads of cached files about a third faster", "size", "mount", metavar="SIZE", minimum=0),
     _opt("negative_timeout", 60.0, "how long the kernel may remember that a name does not exist",
          "only names missing from a successful listing are cached as absent; short, as collections grow",
          "duration", "mount", metavar="SECONDS"),
