@@ -6,8 +6,9 @@ once the mount is up (``--kernel-read-ahead``, 1 MiB by default; 0 leaves the ke
 Why: the kernel reads a FUSE file through its page cache in requests of at most the device's
 read-ahead, 128 KiB by default, whatever size the reader asks for. Every request is a round trip
 through libfuse into this Python process, so a 525 KB CT slice costs four reads besides its open and
-release; with 1 MiB (libfuse 3 negotiates requests of up to 1 MiB) it costs one, and a warm
-``cp -r`` of a cached series after a remount took 0.31 s instead of 0.42-0.49 s in one measurement
+release; with 1 MiB (libfuse 3 negotiates requests of up to 1 MiB) it costs one. A warm ``cp -r`` of
+a cached series after a remount took 0.31 s instead of 0.42-0.49 s in a first trial, and 1.93x native
+instead of 2.11x in back-to-back runs of ``scripts/bench_speed.py --only warm cold``
 (docs/performance.md). Only root may write that file (a mount started by root, fstab or systemd is);
 anyone else keeps the kernel's value and the log says how to raise it. A hint: nothing fails when it
 cannot be set (a container's read-only /sys, another kernel).

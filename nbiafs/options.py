@@ -302,8 +302,9 @@ OPTIONS: tuple[Option, ...] = (
          "instances never change, so the kernel need not ask again", "duration", "mount", metavar="SECONDS"),
     _opt("kernel_read_ahead", 1 << 20, "how much the kernel may ask of a file in one read (the mount's "
          "read_ahead_kb; set when run as root; 0: the kernel's own, 128 KiB)",
-         "each read is a round trip into nbiafs: one request per 1 MiB instead of per 128 KiB makes warm "
-         "reads of cached files about a third faster", "size", "mount", metavar="SIZE", minimum=0),
+         "each read is a round trip into nbiafs: a 525 KB CT slice then costs one read request, not four "
+         "(warm cp -r after a remount 2.11x -> 1.93x native, docs/performance.md)", "size", "mount",
+         metavar="SIZE", minimum=0),
     _opt("negative_timeout", 60.0, "how long the kernel may remember that a name does not exist",
          "only names missing from a successful listing are cached as absent; short, as collections grow",
          "duration", "mount", metavar="SECONDS"),
