@@ -229,6 +229,7 @@ def test_open_returns_with_the_first_bytes_and_a_read_waits_only_for_its_offset(
     assert out["value"] == body(client, n)[2_000_000:2_004_096]
     assert store.read(h, 10_000_000, 0) == body(client, n)
     store.release(h)
+    assert store.wait_fetched(WAIT, n)  # the last bytes are served a moment before the fetch is recorded
     assert store.cached_path(n) is not None  # complete: renamed into place
     assert read_all(store, n) == body(client, n) and fetches(client, n) == 1
 
