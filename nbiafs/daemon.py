@@ -305,7 +305,7 @@ def mount_record(mountpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
         return None
     if not isinstance(record, dict) or record.get("mountpoint") != canonical(mountpoint):
         return None
-    if not _alive(pid) or (started is not None and _start_time(pid) != started):
+    if not process_alive(pid) or (started is not None and _start_time(pid) != started):
         try:  # the process died (kill -9?): the record is stale
             path.unlink()
         except OSError:
@@ -368,10 +368,10 @@ def wait_for_exit(pid: int, timeout: float) -> bool:
     except OSError:  # no pidfd support: poll politely
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not _alive(pid):
+            if not process_alive(pid):
                 return True
             time.sleep(0.05)
-        return not _alive(pid)
+        return not process_alive(pid)
     try:
         readable, _, _ = select.select([pidfd], [], [], timeout)
         return bool(readable)
@@ -379,7 +379,8 @@ def wait_for_exit(pid: int, timeout: float) -> bool:
         os.close(pidfd)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (exists, even as another user's, and is not a zombie)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -5,19 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cmdlib import HEADER
 from conftest import ls, visible_walk
 
 from nbiafs.client import NbiaClient
 from nbiafs.errors import ConfigError
 from nbiafs.manifest import parse_manifest, read_manifest, resolve_scope
-
-HEADER = """downloadServerUrl=https://nbia.cancerimagingarchive.net/nbia-download/servlet/DownloadServlet
-includeAnnotation=true
-noOfrRetry=4
-databasketId=manifest-1733000000000.tcia
-manifestVersion=3.0
-ListOfSeriesToDownload=
-"""
 
 
 def write_manifest(path: Path, uids: list[str], header: str = HEADER) -> Path:

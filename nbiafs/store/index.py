@@ -37,6 +37,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..daemon import process_alive
+
 log = logging.getLogger(__name__)
 
 OBJECTS = "objects"
@@ -329,12 +331,4 @@ def _writer_alive(part_path: str) -> bool:
         pid = int(part_path.rsplit(PART, 1)[1].split(".")[0])
     except (IndexError, ValueError):
         return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid == os.getpid() or process_alive(pid)
