@@ -279,9 +279,9 @@ OPTIONS: tuple[Option, ...] = (
     _opt("prefetch", True, "fetch ahead of a reader that walks a series", "latency, not bandwidth, limits "
          "one-file-at-a-time reads", "bool", "mount"),
     _opt("series_zip", True, "also fetch a series read from its start through its getImage zip (in reading "
-         "order, while single images fill the read-ahead window from its end)", "one stream, compressed, "
-         "without a round trip per file: a cold sequential read is faster than the bulk downloaders "
-         "(docs/performance.md)", "bool", "mount"),
+         "order; single images fill the read-ahead window from its end where measured faster so)",
+         "one stream, compressed, without a round trip per file: a cold sequential read is faster than the "
+         "bulk downloaders (docs/performance.md)", "bool", "mount"),
     _opt("metadata_files", True, "show .collection.json, .series.json and .nbiafs/stats.json beside the images",
          "metadata without another API client; dot-files, so DICOM readers still see only DICOM files",
          "bool", "mount"),

@@ -229,6 +229,8 @@ class FakeNbiaClient:
         self.zip_break_at: int | None = None  # the series zip breaks off in this member (position)
         self.zip_md5s: dict[str, str] = {}  # md5hashes.csv says these (by SOP UID) instead of the true ones
         self.zip_members_sent = 0
+        self.zip_hold_at: int | None = None  # the series zip waits before this member (position) ...
+        self.zip_go_on = threading.Event()  # ... until this is set (or gate_timeout passed)
 
     # -- test controls ------------------------------------------------------------------------
     def fail(self, method: str, error: BaseException | type[BaseException] | Callable[[], BaseException],
@@ -374,6 +376,8 @@ class FakeNbiaClient:
                 blob = self.archive.data[inst.sop_uid]
                 name = f"1-{pos:03d}.dcm" if new_file_names else f"{pos:08d}.dcm"
                 names.append((name, inst.sop_uid))
+                if self.zip_hold_at is not None and pos - 1 == self.zip_hold_at:
+                    self.zip_go_on.wait(self.gate_timeout)
                 self.zip_members_sent += 1
                 if break_at is not None and pos - 1 == break_at:
                     def broken(blob: bytes = blob) -> Iterator[bytes]:

@@ -88,17 +88,23 @@ def test_a_foreground_mount_with_options_before_the_mount_point_is_found_and_unm
         teardown_mount(mp, [])
 
 
+@pytest.mark.parametrize("way", ["singles", "zip"])
 def test_unmount_during_a_running_prefetch_returns_within_ten_seconds_and_the_process_ends(
-        make_emulator, mounter) -> None:
+        make_emulator, mounter, way) -> None:
     emu = make_emulator(latency=0.3)  # a distant server: reading ahead takes a while
-    m = mounter(emu)
+    m = mounter(emu, extra=("--no-series-zip",) if way == "singles" else ())
     series = series_of_count(m.path, "Demo-Chest-CT", "DCC-0001", 120)
     names = ls(series)
+    if way == "zip":
+        emu.set_shaping(per_connection=100_000)  # the series zip streams for a minute
     for name in names[:4]:  # a reader walking the series in order: the store reads ahead
         (series / name).read_bytes()
     # every fetch that has not got its answer yet stalls, the prefetches in flight among them
     emu.inject_fault("getSingleImage", delay=120, count=10_000)
-    assert emu.stats()["getSingleImage"] > 4, "no prefetch ran"
+    if way == "zip":
+        assert emu.stats()["getImage"] == 1, "no zip ran"
+    else:
+        assert emu.stats()["getSingleImage"] > 4, "no prefetch ran"
     started = time.monotonic()
     done = nbiafs_cli("unmount", str(m.path))
     assert done.returncode == 0, done.stderr

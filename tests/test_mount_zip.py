@@ -63,3 +63,23 @@ def test_a_header_scan_or_no_prefetch_causes_no_zip(emulator, mounter):
     for n in ls(series)[:40]:
         (series / n).read_bytes()
     assert emulator.stats()["getImage"] == 0
+
+
+@pytest.mark.parametrize("shape, alone", [({"link": 1.5e6}, True), ({"per_connection": 0.75e6}, False)],
+                         ids=["one shared link: the zip alone", "per-connection caps: zip and singles"])
+def test_the_mount_measures_whether_singles_beside_the_zip_help(make_emulator, archive, mounter, shape, alone):
+    # On one shared link singles take the link from the compressed zip: it is kept alone. With each
+    # connection capped, singles add their connections: they run beside it. Either way every byte is exact.
+    emu = make_emulator(latency=0.01)
+    m = mounter(emu)
+    series = series_of_count(m.path, "Demo-Chest-CT", "DCC-0001", 120)
+    names = ls(series)
+    expected = _archive_bytes(archive, series)
+    emu.set_shaping(**shape)
+    for n in names:
+        sop = os.getxattr(series / n, "user.nbia.uid").decode()
+        assert (series / n).read_bytes() == expected[sop], f"{n}: not the archive's bytes"
+    stats = _stats(m.path)
+    assert stats["zips"] == 1
+    assert stats["zips_alone"] == (1 if alone else 0), stats
+    assert max(emu.instance_fetches().values()) == 1

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from nbiafs.errors import CacheFullError, NbiaError, OfflineError, RemoteNotFoun
 from nbiafs.store import InstanceStore
 from nbiafs.store.download import MEMORY_LIMIT
 from nbiafs.store.index import CacheIndex
+from nbiafs.store.zipmode import ZIP_ONLY, Trial
 
 WAIT = 10.0  # seconds a test waits for an event before failing (never reached when things work)
 SERIES = "1.2.826.0.1.3680043.9.7.1.1.1.1"
@@ -556,6 +558,58 @@ def test_a_series_read_from_its_start_comes_through_its_zip_and_singles_each_fil
     assert stats.zip_files > 0
     # no instance came twice: what the zip wrote was never fetched alone, and the other way round
     assert fetches(client) + stats.zip_files == N_INSTANCES
+    assert all(fetches(client, n) <= 1 for n in SIBLINGS)
+
+
+class _Verdict(Trial):
+    """A trial that decides at the zip's first byte (the measurement itself is tests/test_zipmode.py)."""
+
+    __slots__ = ("verdict",)
+
+    def add(self, now: float, nbytes: int, *, via_zip: bool) -> bool:
+        if self.decided or not via_zip:
+            return False
+        self.phase = self.verdict
+        return True
+
+
+def verdict(phase: str):
+    def make() -> Trial:
+        trial = _Verdict()
+        trial.verdict = phase
+        return trial
+    return make
+
+
+def test_a_zip_measured_faster_alone_brings_the_series_and_openers_wait_for_it(make_store, client):
+    store = make_store(workers=2, zip_trial=verdict(ZIP_ONLY))
+    walk(store, client, range(N_INSTANCES))
+    assert store.wait_prefetched(WAIT)
+    stats = store.stats()
+    assert stats.zips == 1 and stats.zips_alone == 1
+    assert stats.prefetches == 0  # no single image ahead of the reader: the zip had the series
+    # only the files opened before the zip started were fetched alone; openers after it joined the zip
+    assert fetches(client) <= 3
+    assert fetches(client) + stats.zip_files == N_INSTANCES
+    assert all(fetches(client, n) <= 1 for n in SIBLINGS)
+
+
+def test_an_opener_stops_waiting_for_a_zip_that_stalls_and_singles_take_over(make_store, client, monkeypatch):
+    import nbiafs.store as store_module
+
+    monkeypatch.setattr(store_module, "ZIP_WAIT", 0.5)
+    client.zip_hold_at = 10
+    store = make_store(workers=2, zip_trial=verdict(ZIP_ONLY))
+    try:
+        started = time.monotonic()
+        walk(store, client, range(40))  # exact bytes, the zip held before file 10
+        took = time.monotonic() - started
+        # one opener waited out ZIP_WAIT, then none did (without that, the next two would have too)
+        assert took < 2.5 * 0.5, took
+        assert store.stats().prefetches > 0  # read-ahead singles were let go
+    finally:
+        client.zip_go_on.set()
+    assert store.wait_prefetched(WAIT)
     assert all(fetches(client, n) <= 1 for n in SIBLINGS)
 
 

@@ -10,6 +10,7 @@ One job per module:
 * :mod:`.readahead`: the policy (which files to fetch before they are opened) and its global budget;
 * :mod:`.prefetcher`: the pool that fetches ahead, most recently read series first;
 * :mod:`.zipfetch`: a series read through its ``getImage`` zip, feeding the cache in reading order;
+* :mod:`.zipmode`: whether singles run beside a zip or it runs alone, measured at each zip's start;
 * this module: :class:`InstanceStore`, which ties them together, and the bulk jobs of the commands
   (:meth:`InstanceStore.ensure`, :meth:`InstanceStore.verify_all`, :meth:`InstanceStore.info`).
 
@@ -50,6 +51,7 @@ from .index import OBJECTS, CacheIndex, Digests
 from .prefetcher import Item, Prefetcher
 from .readahead import ZIP_MIN_REST, Budget, ReaderState, plan, wants_zip, zip_limit
 from .zipfetch import ZipFetch
+from .zipmode import BOTH, ZIP_ONLY, Trial
 
 if TYPE_CHECKING:
     from ..client import NbiaClient
@@ -77,6 +79,8 @@ TOUCH_FLUSH = 30.0
 READERS = 10_000
 #: Series zips read at once, at most (the Data Retriever downloads 2 series at once).
 ZIPS = 2
+#: An open of a file a running zip is about to bring waits this long for it at most, then fetches it alone.
+ZIP_WAIT = 2.0
 
 
 class InstanceRef(Protocol):
@@ -115,6 +119,8 @@ class StoreStats:
     fetch_errors: int = 0
     zips: int = 0  # series zips started
     zip_files: int = 0  # instances written from a series zip
+    zips_alone: int = 0  # zips that ran without singles beside them (measured faster so, see zipmode)
+    zip_waits: int = 0  # opens that waited for the zip to bring their file instead of fetching it apart
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +185,7 @@ class InstanceStore:
                  offline: bool = False, workers: int = 8, wait_timeout: float | None = None,
                  on_size_mismatch: Callable[[InstanceRef, int], None] | None = None,
                  read_ahead_share: float = READ_AHEAD_SHARE, in_flight_limit: int = IN_FLIGHT_LIMIT,
-                 series_zip: bool = True) -> None:
+                 series_zip: bool = True, zip_trial: Callable[[], Trial] = Trial) -> None:
         if size_limit <= 0:
             raise ConfigError("the instance cache size limit must be positive")
         if workers < 0:
@@ -211,6 +217,9 @@ class InstanceStore:
         self._workers = max(1, workers)
         self._series_zip = series_zip and not offline and workers > 0
         self._zips: dict[str, ZipFetch] = {}
+        self._trials: dict[str, Trial] = {}  # series -> the measurement of its running zip (zipmode)
+        self._zip_trial = zip_trial
+        self._trial_lock = threading.Lock()
         self._zip_bytes = int(size_limit * read_ahead_share)
         self._prefetcher = Prefetcher(self._fetch_ahead, workers=0 if offline else workers,
                                       budget=Budget(in_flight_limit, int(size_limit * read_ahead_share)))
@@ -279,6 +288,7 @@ class InstanceStore:
         if self._offline:
             self._counters.add("misses")
             raise OfflineError(f"{sop_uid} is not in the cache (offline mode)")
+        self._await_zip(path, series_uid, sop_uid)
         joined = self._join_or_start(path, node, reader=True)
         if joined is None:  # completed by another thread a moment ago
             return self.open(node)
@@ -428,6 +438,9 @@ class InstanceStore:
                           open_zip=lambda: client.image_zip(series_uid, include_md5=True),
                           skip=self._claimed, deliver=self._deliver_from_zip, record_md5=self._record_zip_md5)
             self._zips[series_uid] = zf
+        with self._trial_lock:  # the zip starts alone: singles wait for the trial (zipmode)
+            self._trials[series_uid] = self._zip_trial()
+            self._prefetcher.hold(series_uid)
         self._counters.add("zips")
         threading.Thread(target=self._run_zip, args=(zf,), name="nbiafs-zip", daemon=True).start()
         return zf
@@ -436,10 +449,60 @@ class InstanceStore:
         try:
             zf.run()
         finally:
+            with self._trial_lock:  # whatever the zip left is the singles' again
+                self._trials.pop(zf.series_uid, None)
+                self._prefetcher.hold(zf.series_uid, False)
             with self._lock:
                 if self._zips.get(zf.series_uid) is zf:
                     del self._zips[zf.series_uid]
+                self._settled.notify_all()  # openers waiting for it to bring their file
             log.debug("zip of series %s: %d files written, %d went by", zf.series_uid, zf.delivered, zf.skipped)
+
+    def _on_chunk(self, download: Download, nbytes: int) -> None:
+        """Bytes of ``download`` arrived (in its thread): the trial of its series' zip counts them."""
+        trial = self._trials.get(download.series_uid)
+        if trial is None or trial.decided:
+            return
+        with self._trial_lock:
+            if self._trials.get(download.series_uid) is not trial or not trial.add(
+                    time.monotonic(), nbytes, via_zip=download.via_zip):
+                return
+            self._prefetcher.hold(download.series_uid, not trial.singles_allowed)
+        if trial.decided:
+            log.info("zip of series %s: %s", download.series_uid, trial.describe())
+            if trial.phase == ZIP_ONLY:
+                self._counters.add("zips_alone")
+
+    def _await_zip(self, path: str, series_uid: str, sop_uid: str) -> None:
+        """An open of a file that the series' running zip is about to bring waits for the zip to bring
+        it (and then joins that fetch) instead of fetching it apart: the zip would read its bytes anyway,
+        and on a shared link a second copy costs the reader. Bounded by :data:`ZIP_WAIT`."""
+        zf = self._zips.get(series_uid)
+        if zf is None:
+            return
+        position = zf.position_of(sop_uid)
+        if position is None or not zf.about_to(position):
+            return
+        zf.allow(position + 1)
+
+        def claimed() -> bool:
+            return path in self._downloads or os.path.exists(path)
+
+        with self._settled:
+            if claimed():
+                return
+            self._counters.add("zip_waits")
+            if self._settled.wait_for(lambda: claimed() or not zf.about_to(position),
+                                      min(ZIP_WAIT, self._wait_timeout)):
+                return
+        # the zip stalls: no opener waits for it again, and the singles take the series back
+        log.info("zip of series %s brought nothing for %.0f s: single images take over", series_uid, ZIP_WAIT)
+        zf.distrust()
+        with self._trial_lock:
+            trial = self._trials.get(series_uid)
+            if trial is not None:
+                trial.phase = BOTH
+            self._prefetcher.hold(series_uid, False)
 
     def _claimed(self, node: InstanceRef) -> bool:
         """Whether ``node`` is cached or being fetched (the zip lets its member go by)."""
@@ -530,9 +593,11 @@ class InstanceStore:
             expected = int(node.size) if node.size and node.size > 0 else None
             download = Download(final=path, part=part, series_uid=series_uid,
                                 sop_uid=sop_uid, expected_size=expected, server_md5=server_md5)
+            download.on_chunk = self._on_chunk
             if reader:
                 download.acquire()
             self._downloads[path] = download
+            self._settled.notify_all()  # an opener waiting for the zip to claim this file
             return download, True
 
     def _run(self, path: str, download: Download, body: Callable[[], Any] | None = None) -> None:

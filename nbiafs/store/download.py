@@ -62,6 +62,8 @@ class Download:
         self._fd: int | None = None  # the part file, open for writing during an attempt
         self.disk_refused: OSError | None = None
         self.via_zip = False  # the body comes from a series zip (read-ahead leaves it to the zip)
+        #: told of every chunk as it arrives (the store's measurement of zip against singles)
+        self.on_chunk: Callable[[Download, int], None] | None = None
 
     # ------------------------------------------------------------------ the fetching thread
     def run(self, open_stream: Callable[[], Any]) -> None:
@@ -103,6 +105,8 @@ class Download:
                         if written > self.available:
                             self.available = written
                             self._cond.notify_all()
+                    if self.on_chunk is not None:
+                        self.on_chunk(self, len(chunk))
             finally:
                 if self._fd is not None:
                     os.close(self._fd)

@@ -9,6 +9,8 @@ Parts and their back-pressure:
 * the :class:`~.readahead.Budget`: a worker starts a fetch only while the bytes in flight and the bytes
   fetched ahead but not opened yet stay within their bounds; otherwise it waits for a fetch to end or a
   fetched-ahead file to be opened;
+* holds: a series whose zip is running alone (:mod:`.zipmode`) keeps its queue, but no worker starts
+  from it until it is let go;
 * ``workers`` threads (started in :meth:`Prefetcher.start`, after the mount daemonized), each running
   ``fetch(item)`` (the store's single-flight fetch, shared with opens); a fetch's failure is logged and
   counted, never raised: the reader's own open asks again and gets the error.
@@ -57,6 +59,7 @@ class Prefetcher:
         self._queued: set[Hashable] = set()
         self._running: set[Hashable] = set()
         self._ahead: dict[Hashable, int] = {}  # fetched ahead, not opened yet: key -> bytes
+        self._held: set[Hashable] = set()  # series whose queue waits (their zip runs alone)
         self._threads: list[threading.Thread] = []
         self._stopped = False
         self.fetched = 0
@@ -98,12 +101,15 @@ class Prefetcher:
             return self._cond.wait_for(lambda: not self._running and (not self._queued or self._blocked()), timeout)
 
     def _blocked(self) -> bool:
-        """Whether the next queued item waits for the budget (lock held)."""
+        """Whether the next queued item waits for the budget or for its series to be let go (lock held)."""
+        held = False
         for series in reversed(self._series):
             queue = self._series[series]
-            if queue:
+            if queue and series in self._held:
+                held = True
+            elif queue:
                 return not self.budget.may_start(queue[0].size)
-        return False
+        return held
 
     # ------------------------------------------------------------------ what readers want
     def want(self, series: Hashable, items: list[Item], *, from_end: bool = False) -> int:
@@ -140,6 +146,15 @@ class Prefetcher:
             if series in self._series:
                 self._series.move_to_end(series)
 
+    def hold(self, series: Hashable, held: bool = True) -> None:
+        """Keep ``series``' queue from starting (``held``) or let it go again."""
+        with self._cond:
+            if held:
+                self._held.add(series)
+            elif series in self._held:
+                self._held.discard(series)
+                self._cond.notify_all()
+
     def opened(self, key: Hashable) -> None:
         """A file was opened: if it was fetched ahead, its bytes no longer count as ahead."""
         with self._cond:
@@ -169,7 +184,7 @@ class Prefetcher:
             del self._wanted_at[series]
         for series in reversed(self._series):  # most recent first
             queue = self._series[series]
-            if not queue:
+            if not queue or series in self._held:
                 continue
             item = queue[0]
             if not self.budget.may_start(item.size):

@@ -22,8 +22,8 @@ How the window is fetched (measured, see docs/performance.md): by parallel ``get
 pooled connections, and, for a reader that walks a series from near its start (:func:`wants_zip`),
 also by the series' ``getImage`` zip, which brings the files in reading order on one connection,
 compressed and without a round trip per file, while the singles take the window from its far end
-backwards. The zip never runs past the window (:func:`zip_limit`): what nobody reads is not fetched
-that way either.
+backwards where that was measured faster than the zip alone (:mod:`.zipmode`). The zip never runs
+past the window (:func:`zip_limit`): what nobody reads is not fetched that way either.
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@
 Why. A reader walking a series from its start wants every file, in order. One ``getImage`` answer
 carries them all on one connection, compressed (CT compresses about 2:1: on a link that is the
 bottleneck, half the bytes), with no round trip per file. Singles on the other connections fetch the
-read-ahead window from its far end backwards at the same time, and the two meet in the middle: a
-member already claimed goes by unwritten, and the zip stops once every file after it is claimed. The
+read-ahead window from its far end backwards at the same time (unless the zip was measured faster
+alone, :mod:`.zipmode`), and the two meet in the middle: a member already claimed goes by unwritten,
+and the zip stops once every file after it is claimed. An opener of a file the zip is about to bring
+waits for it (:meth:`ZipFetch.about_to`) rather than fetching it a second time. The
 store starts a zip only for a reader that walks a series from near its start (resending what is
 cached would waste the link), never for random access or a header scan (see :mod:`.readahead`).
 
@@ -35,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: Bytes of a member read before its header must have shown the SOPInstanceUID.
 HEADER_BYTES = 64 * 1024
+#: An open waits for the zip to bring its file when the file comes within this many members.
+SOON = 3
 #: A zip that cannot go on (the reader stopped) gives up after this long.
 IDLE_AFTER = 30.0
 
@@ -84,6 +88,7 @@ class ZipFetch:
         self.series_uid = series_uid
         self._files = list(files)
         self._by_uid = {str(f.sop_uid): f for f in files}
+        self._position_of = {str(f.sop_uid): i for i, f in enumerate(self._files)}
         self._open_zip = open_zip
         self._skip = skip
         self._deliver = deliver
@@ -93,6 +98,7 @@ class ZipFetch:
         self._position = 0  # the next member's position
         self._stopped = False
         self._waiting = False  # at the end of the window, waiting for the reader
+        self._distrusted = False  # an opener waited for it in vain: openers fetch their files alone
         self._written: dict[str, Any] = {}  # member name -> node, for the md5 list at the end
         self.delivered = 0
         self.skipped = 0
@@ -106,6 +112,23 @@ class ZipFetch:
             if limit > self._limit:
                 self._limit = limit
                 self._cond.notify_all()
+
+    def position_of(self, sop_uid: str) -> int | None:
+        """Where the instance ``sop_uid`` comes in the zip (None: not in it)."""
+        return self._position_of.get(sop_uid)
+
+    def about_to(self, position: int) -> bool:
+        """Whether the zip is at the file at ``position`` or about to be: its member is being read, or
+        comes within the next :data:`SOON` (an opener of that file had better wait for it)."""
+        with self._cond:
+            if self._stopped or self._distrusted or self.done.is_set():
+                return False
+            return self._position - 1 <= position < self._position + SOON
+
+    def distrust(self) -> None:
+        """An opener waited for this zip in vain (it stalls): nobody waits for it again."""
+        with self._cond:
+            self._distrusted = True
 
     def stop(self) -> None:
         with self._cond:

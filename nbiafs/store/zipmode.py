@@ -1,0 +1,92 @@
+"""Whether singles should run beside a series zip, decided by measuring both, once per zip.
+
+Why. The zip brings a series compressed (CT about 2:1) on one connection; single images bring files
+uncompressed, in parallel on the other connections. Which is faster depends on a network the mount
+cannot see. Where each connection is bound on its own (a server's or a proxy's per-connection limit,
+a far server's round trips, a server whose one zip stream is CPU-bound), singles beside the zip add
+their connections' throughput. Where every connection shares one bottleneck (the user's own link, a
+VPN), singles take their share of that link from the zip and bring fewer files per byte: the zip
+alone is then up to twice as fast. Guessing wrong either way costs about half the speed.
+
+How. A :class:`Trial` in two phases at the start of each zip, on the bytes of the series' files
+arriving (what the reader gets, whichever way they come):
+
+* ALONE: the singles of the series are held back from the zip's start; measured from the zip's first
+  byte for ``span`` seconds;
+* MIXED: the singles are let go; measured from the first byte of a single (a far server's round trip
+  before it is not held against them) for ``span`` seconds.
+
+The faster wins for the rest of that zip; a tie (within ``margin``) goes to MIXED, which does not
+rest on one connection. A phase ends only once it saw ``min_bytes`` (a slow link gets a longer look),
+or after ``10 x span`` whatever it saw. Opens of the reader are never held: only read-ahead is.
+Pure (no threads, no clock of its own): fed with (time, bytes, how they came), tested alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Seconds each phase of the trial is measured.
+SPAN = 0.15
+#: Bytes each phase must see before it ends (unless it ran 10 x SPAN).
+MIN_BYTES = 1 << 20
+#: The zip alone must be this much faster than zip and singles together to be kept alone.
+MARGIN = 0.15
+
+ALONE = "alone"
+MIXED = "mixed"
+ZIP_ONLY = "zip only"
+BOTH = "zip and singles"
+
+
+@dataclass(slots=True)
+class Trial:
+    """The measurement of one zip's two ways (see the module docstring). Not thread-safe: one lock
+    of the caller's around :meth:`add`."""
+
+    span: float = SPAN
+    min_bytes: int = MIN_BYTES
+    margin: float = MARGIN
+    phase: str = ALONE
+    #: when the current phase's measurement began (None: waiting for its first byte)
+    since: float | None = None
+    counted: int = 0
+    alone_rate: float = 0.0
+    mixed_rate: float = 0.0
+
+    @property
+    def singles_allowed(self) -> bool:
+        """Whether the series' singles may run now."""
+        return self.phase in (MIXED, BOTH)
+
+    @property
+    def decided(self) -> bool:
+        return self.phase in (ZIP_ONLY, BOTH)
+
+    def add(self, now: float, nbytes: int, *, via_zip: bool) -> bool:
+        """Bytes of a file of the series arrived at ``now`` (``via_zip``: from the zip). Returns True when
+        this moved the trial on (the caller then applies :attr:`singles_allowed`)."""
+        if self.decided:
+            return False
+        if self.since is None:
+            # a phase is timed from the first byte of its own way: the zip's for ALONE, a single's for MIXED
+            if via_zip == (self.phase == ALONE):
+                self.since = now
+            return False
+        self.counted += nbytes
+        elapsed = now - self.since
+        if elapsed < self.span or (self.counted < self.min_bytes and elapsed < 10 * self.span):
+            return False
+        rate = self.counted / elapsed if elapsed > 0 else 0.0
+        self.since, self.counted = None, 0
+        if self.phase == ALONE:
+            self.alone_rate = rate
+            self.phase = MIXED
+        else:
+            self.mixed_rate = rate
+            self.phase = ZIP_ONLY if self.alone_rate > self.mixed_rate * (1.0 + self.margin) else BOTH
+        return True
+
+    def describe(self) -> str:
+        return (f"zip alone {self.alone_rate / 1e6:.1f} MB/s, zip and singles {self.mixed_rate / 1e6:.1f} MB/s: "
+                f"{self.phase}")

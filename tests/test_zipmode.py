@@ -1,0 +1,91 @@
+"""The trial that decides whether singles run beside a series zip (pure), and the prefetcher's hold."""
+
+from __future__ import annotations
+
+import threading
+
+from nbiafs.store.prefetcher import Item, Prefetcher
+from nbiafs.store.readahead import Budget
+from nbiafs.store.zipmode import ALONE, BOTH, MIXED, ZIP_ONLY, Trial
+
+MB = 1_000_000
+
+
+def feed(trial: Trial, start: float, seconds: float, rate: float, *, via_zip: bool, step: float = 0.01) -> float:
+    """Bytes arriving at ``rate`` for ``seconds`` from ``start`` in chunks every ``step``; returns the end."""
+    t = start
+    while t < start + seconds - 1e-9:
+        t += step
+        trial.add(t, int(rate * step), via_zip=via_zip)
+    return t
+
+
+def test_singles_wait_while_the_zip_is_measured_alone_and_run_while_both_are() -> None:
+    trial = Trial(span=0.099, min_bytes=0)
+    assert trial.phase == ALONE and not trial.singles_allowed
+    # a single's bytes (the reader's own open) before the zip's first byte start nothing
+    assert not trial.add(0.0, 500_000, via_zip=False)
+    assert trial.since is None
+    trial.add(0.05, 1000, via_zip=True)  # the zip's first byte: ALONE is timed from here
+    assert trial.since == 0.05
+    feed(trial, 0.05, 0.1, 50 * MB, via_zip=True)
+    assert trial.phase == MIXED and trial.singles_allowed
+    assert 45 * MB < trial.alone_rate < 55 * MB
+
+
+def test_the_zip_alone_wins_when_singles_beside_it_bring_less() -> None:
+    trial = Trial(span=0.099, min_bytes=0)
+    trial.add(0.0, 1, via_zip=True)
+    t = feed(trial, 0.0, 0.1, 100 * MB, via_zip=True)  # a shared link: the zip alone fills it, compressed
+    # MIXED is timed from a single's first byte: the zip's bytes during the singles' round trip do not count
+    t = feed(trial, t, 0.04, 10 * MB, via_zip=True)
+    assert trial.phase == MIXED and trial.since is None
+    trial.add(t, 1, via_zip=False)
+    feed(trial, t, 0.1, 45 * MB, via_zip=False)
+    assert trial.phase == ZIP_ONLY and trial.decided and not trial.singles_allowed
+    assert not trial.add(t + 1, 10 * MB, via_zip=True)  # decided: nothing moves it any more
+    assert "zip only" in trial.describe()
+
+
+def test_zip_and_singles_win_when_faster_and_on_a_tie() -> None:
+    for alone, mixed in ((27 * MB, 75 * MB), (50 * MB, 46 * MB)):  # per-connection caps; a stored zip
+        trial = Trial(span=0.099, min_bytes=0)
+        trial.add(0.0, 1, via_zip=True)
+        t = feed(trial, 0.0, 0.1, alone, via_zip=True)
+        trial.add(t, 1, via_zip=False)
+        feed(trial, t, 0.1, mixed, via_zip=False)
+        assert trial.phase == BOTH and trial.singles_allowed, (alone, mixed)
+
+
+def test_a_slow_link_is_measured_longer_but_not_for_ever() -> None:
+    trial = Trial(span=0.099, min_bytes=2 * MB)
+    trial.add(0.0, 1, via_zip=True)
+    feed(trial, 0.0, 0.5, 1 * MB, via_zip=True)  # 0.5 MB after 0.5 s: still ALONE
+    assert trial.phase == ALONE
+    feed(trial, 0.5, 0.6, 1 * MB, via_zip=True)  # at 10 x span it ends, whatever it saw
+    assert trial.phase == MIXED
+    assert 0.9 * MB < trial.alone_rate < 1.1 * MB
+
+
+def test_a_held_series_keeps_its_queue_until_let_go_and_counts_as_idle() -> None:
+    fetched: list[str] = []
+    done = threading.Event()
+
+    def fetch(item: Item) -> bool:
+        fetched.append(str(item.key))
+        if len(fetched) == 3:
+            done.set()
+        return False
+
+    pool = Prefetcher(fetch, workers=2, budget=Budget(1 << 30, 1 << 30))
+    pool.start()
+    try:
+        pool.hold("s")
+        assert pool.want("s", [Item(f"f{i}", 10, None) for i in range(3)]) == 3
+        assert pool.idle(5.0)  # what is queued waits for the hold: nothing can start
+        assert fetched == []
+        pool.hold("s", False)
+        assert done.wait(5.0)
+        assert sorted(fetched) == ["f0", "f1", "f2"]
+    finally:
+        pool.stop()
