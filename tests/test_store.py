@@ -613,6 +613,22 @@ def test_an_opener_stops_waiting_for_a_zip_that_stalls_and_singles_take_over(mak
     assert all(fetches(client, n) <= 1 for n in SIBLINGS)
 
 
+def test_a_reading_order_that_is_not_the_zips_never_makes_an_opener_wait_it_out(make_store, client, monkeypatch):
+    # --layout uid: files are read in UID order, the zip comes in InstanceNumber order
+    import nbiafs.store as store_module
+
+    monkeypatch.setattr(store_module, "ZIP_WAIT", 5.0)
+    order = tuple(sorted(SIBLINGS, key=lambda n: hashlib.sha1(n.sop_uid.encode()).hexdigest()))
+    store = make_store(workers=2, zip_trial=verdict(ZIP_ONLY))
+    started = time.monotonic()
+    for n in order:
+        assert read_all(store, n) == body(client, n)
+        store.on_open(n, order)
+    assert time.monotonic() - started < 5.0  # no opener waited for the zip until ZIP_WAIT
+    assert store.wait_prefetched(WAIT)
+    assert all(fetches(client, n) <= 1 for n in SIBLINGS)
+
+
 def test_the_zip_goes_no_further_than_the_read_ahead_window(make_store, client):
     store = make_store(workers=1)
     gate = client.gate("single_image", match=lambda series, sop, size: sop == SIBLINGS[3].sop_uid)

@@ -11,7 +11,9 @@ store starts a zip only for a reader that walks a series from near its start (re
 cached would waste the link), never for random access or a header scan (see :mod:`.readahead`).
 
 What it owns: the stream (members are mapped to instances by the SOPInstanceUID in each member's
-header, read from its first bytes; a member whose instance is cached or being fetched already is
+header, read from its first bytes; a member without one is placed by the zip's InstanceNumber order
+only where that order is certain, else skipped: never guessed from the listing's order, which
+``--layout uid`` makes another; a member whose instance is cached or being fetched already is
 skipped), handing each member to the store as the body of a fetch like any other (readers join it and
 wait only for their bytes; a member that breaks off is fetched again alone), back-pressure (the zip
 waits at the end of the read-ahead window: the store raises its limit as the window grows), the
@@ -89,6 +91,7 @@ class ZipFetch:
         self._files = list(files)
         self._by_uid = {str(f.sop_uid): f for f in files}
         self._position_of = {str(f.sop_uid): i for i, f in enumerate(self._files)}
+        self._zip_order = _zip_order(self._files)
         self._open_zip = open_zip
         self._skip = skip
         self._deliver = deliver
@@ -96,6 +99,7 @@ class ZipFetch:
         self._cond = threading.Condition()
         self._limit = 0  # the zip may deliver members up to this position (exclusive)
         self._position = 0  # the next member's position
+        self._last_seen = -1  # the reading-order position of the last member the zip brought or passed
         self._stopped = False
         self._waiting = False  # at the end of the window, waiting for the reader
         self._distrusted = False  # an opener waited for it in vain: openers fetch their files alone
@@ -118,12 +122,14 @@ class ZipFetch:
         return self._position_of.get(sop_uid)
 
     def about_to(self, position: int) -> bool:
-        """Whether the zip is at the file at ``position`` or about to be: its member is being read, or
-        comes within the next :data:`SOON` (an opener of that file had better wait for it)."""
+        """Whether the zip is about to bring the file at reading-order ``position``: it comes within
+        :data:`SOON` after the last member the zip brought or passed (the zip's order is InstanceNumber,
+        which is the reading order of the descriptive layout; where it is not, as with ``--layout uid``,
+        the last member jumps about and openers rarely wait, each at most until the next member)."""
         with self._cond:
             if self._stopped or self._distrusted or self.done.is_set():
                 return False
-            return self._position - 1 <= position < self._position + SOON
+            return self._last_seen <= position <= self._last_seen + SOON
 
     def distrust(self) -> None:
         """An opener waited for this zip in vain (it stalls): nobody waits for it again."""
@@ -177,11 +183,15 @@ class ZipFetch:
                 uid = _sop_uid_of(head)
                 if uid:
                     node = self._by_uid.get(uid)
-                else:  # no header to read: the zip's order is the listing's
-                    node = self._files[position] if position < len(self._files) else None
+                else:  # no header to read: the zip's order (InstanceNumber) tells, when it is certain
+                    order = self._zip_order
+                    node = order[position] if order is not None and position < len(order) else None
                 if node is None:
-                    log.info("zip of series %s holds %s, not listed: skipped", self.series_uid, uid or name)
+                    log.info("zip of series %s holds %s, %s: skipped", self.series_uid, uid or name,
+                             "not listed" if uid else "without a SOPInstanceUID to read")
                     continue
+                with self._cond:
+                    self._last_seen = self._position_of.get(str(node.sop_uid), position)
                 if self._skip(node):  # cached, or fetched already: its bytes go by
                     self.skipped += 1
                     continue
@@ -226,6 +236,15 @@ class ZipFetch:
         for row in rows[1:]:
             if len(row) >= 2 and row[0].rsplit("/", 1)[-1] in self._written:
                 self._record_md5(self._written[row[0].rsplit("/", 1)[-1]], row[1].strip().lower())
+
+
+def _zip_order(files: Sequence[Any]) -> list[Any] | None:
+    """The series' files in the zip's order (the server sorts by InstanceNumber), or None when that order
+    is not certain (a number missing or twice): a member is then never placed by its position."""
+    numbers = [getattr(f, "instance_number", None) for f in files]
+    if not all(isinstance(n, int) for n in numbers) or len(set(numbers)) != len(numbers):
+        return None
+    return sorted(files, key=lambda f: f.instance_number)
 
 
 def _head(chunks: Iterator[bytes]) -> tuple[bytes, Iterator[bytes]]:
