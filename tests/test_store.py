@@ -566,7 +566,7 @@ class _Verdict(Trial):
 
     __slots__ = ("verdict",)
 
-    def add(self, now: float, nbytes: int, *, via_zip: bool) -> bool:
+    def add(self, now: float, nbytes: int, *, via_zip: bool, source: object = None) -> bool:
         if self.decided or not via_zip:
             return False
         self.phase = self.verdict
@@ -592,6 +592,21 @@ def test_a_zip_measured_faster_alone_brings_the_series_and_openers_wait_for_it(m
     assert fetches(client) <= 3
     assert fetches(client) + stats.zip_files == N_INSTANCES
     assert all(fetches(client, n) <= 1 for n in SIBLINGS)
+
+
+class _Broken(Trial):
+    __slots__ = ()
+
+    def add(self, now: float, nbytes: int, *, via_zip: bool, source: object = None) -> bool:
+        raise RuntimeError("a bug in the measurement")
+
+
+def test_a_measurement_that_breaks_never_fails_a_fetch(make_store, client):
+    store = make_store(workers=2, zip_trial=_Broken)
+    walk(store, client, range(60))  # exact bytes
+    assert store.wait_prefetched(WAIT)
+    stats = store.stats()
+    assert stats.zips == 1 and stats.fetch_errors == 0 and stats.prefetch_errors == 0
 
 
 def test_an_opener_stops_waiting_for_a_zip_that_stalls_and_singles_take_over(make_store, client, monkeypatch):

@@ -21,7 +21,7 @@ def feed(trial: Trial, start: float, seconds: float, rate: float, *, via_zip: bo
 
 
 def test_singles_wait_while_the_zip_is_measured_alone_and_run_while_both_are() -> None:
-    trial = Trial(span=0.099, min_bytes=0)
+    trial = Trial(span=0.099, min_bytes=0, settle_sources=1)
     assert trial.phase == ALONE and not trial.singles_allowed
     # a single's bytes (the reader's own open) before the zip's first byte start nothing
     assert not trial.add(0.0, 500_000, via_zip=False)
@@ -34,7 +34,7 @@ def test_singles_wait_while_the_zip_is_measured_alone_and_run_while_both_are() -
 
 
 def test_the_zip_alone_wins_when_singles_beside_it_bring_less() -> None:
-    trial = Trial(span=0.099, min_bytes=0)
+    trial = Trial(span=0.099, min_bytes=0, settle_sources=1)
     trial.add(0.0, 1, via_zip=True)
     t = feed(trial, 0.0, 0.1, 100 * MB, via_zip=True)  # a shared link: the zip alone fills it, compressed
     # MIXED is timed from a single's first byte: the zip's bytes during the singles' round trip do not count
@@ -48,8 +48,8 @@ def test_the_zip_alone_wins_when_singles_beside_it_bring_less() -> None:
 
 
 def test_zip_and_singles_win_when_faster_and_on_a_tie() -> None:
-    for alone, mixed in ((27 * MB, 75 * MB), (50 * MB, 46 * MB)):  # per-connection caps; a stored zip
-        trial = Trial(span=0.099, min_bytes=0)
+    for alone, mixed in ((27 * MB, 75 * MB), (50 * MB, 49 * MB)):  # per-connection caps; a stored zip
+        trial = Trial(span=0.099, min_bytes=0, settle_sources=1)
         trial.add(0.0, 1, via_zip=True)
         t = feed(trial, 0.0, 0.1, alone, via_zip=True)
         trial.add(t, 1, via_zip=False)
@@ -89,3 +89,28 @@ def test_a_held_series_keeps_its_queue_until_let_go_and_counts_as_idle() -> None
         assert sorted(fetched) == ["f0", "f1", "f2"]
     finally:
         pool.stop()
+
+
+def test_mixed_is_timed_once_the_singles_all_run_not_while_the_zip_still_has_the_link() -> None:
+    trial = Trial(span=0.099, min_bytes=0, settle_sources=3)
+    trial.add(0.0, 1, via_zip=True)
+    t = feed(trial, 0.0, 0.1, 100 * MB, via_zip=True)
+    assert trial.phase == MIXED
+    # the first singles arrive while the zip still has most of the link: not counted yet
+    trial.add(t + 0.01, 1, via_zip=False, source="a")
+    trial.add(t + 0.02, 80 * MB, via_zip=True)
+    trial.add(t + 0.03, 1, via_zip=False, source="b")
+    assert trial.since is None
+    trial.add(t + 0.04, 1, via_zip=False, source="c")  # all three run: from here
+    assert trial.since == t + 0.04
+    feed(trial, t + 0.04, 0.1, 45 * MB, via_zip=False)
+    assert trial.phase == ZIP_ONLY, trial.describe()
+
+
+def test_mixed_is_timed_a_span_after_the_first_single_when_fewer_run() -> None:
+    trial = Trial(span=0.05, min_bytes=0, settle_sources=8)
+    trial.add(0.0, 1, via_zip=True)
+    t = feed(trial, 0.0, 0.06, 30 * MB, via_zip=True)
+    trial.add(t, 1, via_zip=False, source="only")
+    trial.add(t + 0.06, 1, via_zip=False, source="only")
+    assert trial.since == t + 0.06

@@ -439,7 +439,9 @@ class InstanceStore:
                           skip=self._claimed, deliver=self._deliver_from_zip, record_md5=self._record_zip_md5)
             self._zips[series_uid] = zf
         with self._trial_lock:  # the zip starts alone: singles wait for the trial (zipmode)
-            self._trials[series_uid] = self._zip_trial()
+            trial = self._zip_trial()
+            trial.settle_sources = max(1, self._workers - 1)
+            self._trials[series_uid] = trial
             self._prefetcher.hold(series_uid)
         self._counters.add("zips")
         threading.Thread(target=self._run_zip, args=(zf,), name="nbiafs-zip", daemon=True).start()
@@ -459,14 +461,20 @@ class InstanceStore:
             log.debug("zip of series %s: %d files written, %d went by", zf.series_uid, zf.delivered, zf.skipped)
 
     def _on_chunk(self, download: Download, nbytes: int) -> None:
-        """Bytes of ``download`` arrived (in its thread): the trial of its series' zip counts them."""
+        """Bytes of ``download`` arrived (in its thread): the trial of its series' zip counts them. A
+        measurement never fails a fetch: if it breaks, the series goes on with zip and singles."""
         trial = self._trials.get(download.series_uid)
         if trial is None or trial.decided:
             return
         with self._trial_lock:
-            if self._trials.get(download.series_uid) is not trial or not trial.add(
-                    time.monotonic(), nbytes, via_zip=download.via_zip):
-                return
+            try:
+                if self._trials.get(download.series_uid) is not trial or not trial.add(
+                        time.monotonic(), nbytes, via_zip=download.via_zip, source=id(download)):
+                    return
+            except Exception:
+                log.warning("the zip trial of series %s failed; zip and singles go on", download.series_uid,
+                            exc_info=True)
+                trial.phase = BOTH
             self._prefetcher.hold(download.series_uid, not trial.singles_allowed)
         if trial.decided:
             log.info("zip of series %s: %s", download.series_uid, trial.describe())

@@ -13,8 +13,10 @@ arriving (what the reader gets, whichever way they come):
 
 * ALONE: the singles of the series are held back from the zip's start; measured from the zip's first
   byte for ``span`` seconds;
-* MIXED: the singles are let go; measured from the first byte of a single (a far server's round trip
-  before it is not held against them) for ``span`` seconds.
+* MIXED: the singles are let go; measured for ``span`` seconds once they all run (``settle_sources``
+  of them brought bytes, or ``span`` after the first one did): a far server's round trip before them
+  is not held against them, and the moment the zip still had the link to itself is not counted for
+  them (measured from their first byte, a shared link looked as fast with singles as without).
 
 The faster wins for the rest of that zip; a tie (within ``margin``) goes to MIXED, which does not
 rest on one connection. A phase ends only once it saw ``min_bytes`` (a slow link gets a longer look),
@@ -24,14 +26,17 @@ Pure (no threads, no clock of its own): fed with (time, bytes, how they came), t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 #: Seconds each phase of the trial is measured.
 SPAN = 0.15
 #: Bytes each phase must see before it ends (unless it ran 10 x SPAN).
 MIN_BYTES = 1 << 20
 #: The zip alone must be this much faster than zip and singles together to be kept alone.
-MARGIN = 0.15
+MARGIN = 0.05
+#: MIXED is timed once this many singles brought bytes (the store passes its workers less one: the
+#: zip takes one of the connections).
+SETTLE_SOURCES = 7
 
 ALONE = "alone"
 MIXED = "mixed"
@@ -47,12 +52,16 @@ class Trial:
     span: float = SPAN
     min_bytes: int = MIN_BYTES
     margin: float = MARGIN
+    settle_sources: int = SETTLE_SOURCES
     phase: str = ALONE
     #: when the current phase's measurement began (None: waiting for its first byte)
     since: float | None = None
     counted: int = 0
     alone_rate: float = 0.0
     mixed_rate: float = 0.0
+    #: the singles seen since MIXED began, and when the first of them brought a byte
+    _sources: set[object] = field(default_factory=set)
+    _first_single: float | None = None
 
     @property
     def singles_allowed(self) -> bool:
@@ -63,15 +72,22 @@ class Trial:
     def decided(self) -> bool:
         return self.phase in (ZIP_ONLY, BOTH)
 
-    def add(self, now: float, nbytes: int, *, via_zip: bool) -> bool:
-        """Bytes of a file of the series arrived at ``now`` (``via_zip``: from the zip). Returns True when
-        this moved the trial on (the caller then applies :attr:`singles_allowed`)."""
+    def add(self, now: float, nbytes: int, *, via_zip: bool, source: object = None) -> bool:
+        """Bytes of a file of the series arrived at ``now`` (``via_zip``: from the zip; ``source``: which
+        fetch). Returns True when this moved the trial on (the caller then applies
+        :attr:`singles_allowed`)."""
         if self.decided:
             return False
         if self.since is None:
-            # a phase is timed from the first byte of its own way: the zip's for ALONE, a single's for MIXED
-            if via_zip == (self.phase == ALONE):
-                self.since = now
+            if self.phase == ALONE:  # timed from the zip's first byte
+                if via_zip:
+                    self.since = now
+            elif not via_zip:  # timed once the singles all run
+                self._sources.add(source)
+                if self._first_single is None:
+                    self._first_single = now
+                if len(self._sources) >= self.settle_sources or now - self._first_single >= self.span:
+                    self.since = now
             return False
         self.counted += nbytes
         elapsed = now - self.since
