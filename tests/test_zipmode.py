@@ -21,7 +21,7 @@ def feed(trial: Trial, start: float, seconds: float, rate: float, *, via_zip: bo
 
 
 def test_singles_wait_while_the_zip_is_measured_alone_and_run_while_both_are() -> None:
-    trial = Trial(span=0.099, min_bytes=0, settle_sources=1)
+    trial = Trial(span=0.099, mixed_span=0.099, min_bytes=0, settle_sources=1)
     assert trial.phase == ALONE and not trial.singles_allowed
     # a single's bytes (the reader's own open) before the zip's first byte start nothing
     assert not trial.add(0.0, 500_000, via_zip=False)
@@ -34,7 +34,7 @@ def test_singles_wait_while_the_zip_is_measured_alone_and_run_while_both_are() -
 
 
 def test_the_zip_alone_wins_when_singles_beside_it_bring_less() -> None:
-    trial = Trial(span=0.099, min_bytes=0, settle_sources=1)
+    trial = Trial(span=0.099, mixed_span=0.099, min_bytes=0, settle_sources=1)
     trial.add(0.0, 1, via_zip=True)
     t = feed(trial, 0.0, 0.1, 100 * MB, via_zip=True)  # a shared link: the zip alone fills it, compressed
     # MIXED is timed from a single's first byte: the zip's bytes during the singles' round trip do not count
@@ -49,7 +49,7 @@ def test_the_zip_alone_wins_when_singles_beside_it_bring_less() -> None:
 
 def test_zip_and_singles_win_when_faster_and_on_a_tie() -> None:
     for alone, mixed in ((27 * MB, 75 * MB), (50 * MB, 49 * MB)):  # per-connection caps; a stored zip
-        trial = Trial(span=0.099, min_bytes=0, settle_sources=1)
+        trial = Trial(span=0.099, mixed_span=0.099, min_bytes=0, settle_sources=1)
         trial.add(0.0, 1, via_zip=True)
         t = feed(trial, 0.0, 0.1, alone, via_zip=True)
         trial.add(t, 1, via_zip=False)
@@ -58,7 +58,7 @@ def test_zip_and_singles_win_when_faster_and_on_a_tie() -> None:
 
 
 def test_a_slow_link_is_measured_longer_but_not_for_ever() -> None:
-    trial = Trial(span=0.099, min_bytes=2 * MB)
+    trial = Trial(span=0.099, mixed_span=0.099, min_bytes=2 * MB)
     trial.add(0.0, 1, via_zip=True)
     feed(trial, 0.0, 0.5, 1 * MB, via_zip=True)  # 0.5 MB after 0.5 s: still ALONE
     assert trial.phase == ALONE
@@ -92,7 +92,7 @@ def test_a_held_series_keeps_its_queue_until_let_go_and_counts_as_idle() -> None
 
 
 def test_mixed_is_timed_once_the_singles_all_run_not_while_the_zip_still_has_the_link() -> None:
-    trial = Trial(span=0.099, min_bytes=0, settle_sources=3)
+    trial = Trial(span=0.099, mixed_span=0.099, min_bytes=0, settle_sources=3)
     trial.add(0.0, 1, via_zip=True)
     t = feed(trial, 0.0, 0.1, 100 * MB, via_zip=True)
     assert trial.phase == MIXED
