@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nbiafs.store.readahead import FIRST_WINDOW, Budget, ReaderState, plan, wants_zip, zip_limit
+from nbiafs.store.readahead import FIRST_WINDOW, Budget, ReaderState, byte_offsets, plan, wants_zip, zip_limit
 
 
 def walk(count: int, opens: list[int]) -> list[list[int]]:
@@ -101,6 +101,28 @@ def test_the_zip_is_wanted_once_when_the_window_opens_not_at_every_step():
 
 def test_the_zip_limit_is_the_end_of_the_window_and_the_byte_budget():
     (_, _), (_, s) = _walk([0, 1])  # window 2: positions 2 and 3 asked
-    assert zip_limit(s, [100] * 200, 10_000) == 4
-    assert zip_limit(s, [100] * 200, 150) == 3  # only one file's bytes past the reader
-    assert zip_limit(s, [100] * 200, 0) == 3  # the next file always may come
+    offsets = byte_offsets([100] * 200)
+    assert zip_limit(s, offsets, 10_000) == 4
+    assert zip_limit(s, offsets, 150) == 3  # only one file's bytes past the reader
+    assert zip_limit(s, offsets, 0) == 3  # the next file always may come
+
+
+def test_the_zip_limit_with_prefix_sums_is_the_walk_it_replaced():
+    import random
+
+    def walked(state: ReaderState, sizes: list[int], byte_limit: int) -> int:  # the former loop
+        stop = min(state.asked + 1, len(sizes))
+        total = 0
+        for position in range(state.last + 1, stop):
+            total += sizes[position]
+            if total > byte_limit:
+                return max(position, state.last + 2)
+        return stop
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        sizes = [rng.choice((0, 1, 100, 5000, 525_000)) for _ in range(rng.randint(1, 60))]
+        last = rng.randint(0, len(sizes) - 1)
+        state = ReaderState(last, 4, rng.randint(last, len(sizes) + 3))
+        limit = rng.choice((0, 99, 100, 5000, 1_000_000, 10**9))
+        assert zip_limit(state, byte_offsets(sizes), limit) == walked(state, sizes, limit), (sizes, state, limit)

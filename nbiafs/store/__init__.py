@@ -49,7 +49,7 @@ from .download import MEMORY_LIMIT, Download
 from .handles import DownloadHandle, FileHandle, HandleTable
 from .index import OBJECTS, CacheIndex, Digests
 from .prefetcher import Item, Prefetcher
-from .readahead import ZIP_MIN_REST, Budget, ReaderState, plan, wants_zip, zip_limit
+from .readahead import ZIP_MIN_REST, Budget, ReaderState, byte_offsets, plan, wants_zip, zip_limit
 from .zipfetch import ZipFetch
 from .zipmode import BOTH, ZIP_ONLY, Trial
 
@@ -213,7 +213,9 @@ class InstanceStore:
         self._handles = HandleTable()
         self._counters = _Counters()
         self._readers: cachetools.LRUCache[str, ReaderState] = cachetools.LRUCache(READERS)
-        self._positions: cachetools.LRUCache[str, tuple[Sequence[Any], dict[str, int]]] = cachetools.LRUCache(256)
+        # series -> (its listing, position of each instance, byte offsets): computed once per listing
+        self._positions: cachetools.LRUCache[str, tuple[Sequence[Any], dict[str, int], list[int]]] = \
+            cachetools.LRUCache(256)
         self._workers = max(1, workers)
         self._series_zip = series_zip and not offline and workers > 0
         self._zips: dict[str, ZipFetch] = {}
@@ -352,7 +354,8 @@ class InstanceStore:
         """The read-ahead policy: ``node`` was opened; ``siblings`` are its series' files in reading order
         (the same sequence object each time: positions are computed once per series listing)."""
         series_uid, sop_uid = _ids(node)
-        position = self._position(series_uid, siblings).get(sop_uid)
+        positions, offsets = self._position(series_uid, siblings)
+        position = positions.get(sop_uid)
         if position is None:
             return 0
         with self._lock:
@@ -361,13 +364,12 @@ class InstanceStore:
             self._readers[series_uid] = state
             zf = self._zips.get(series_uid)
         self._prefetcher.touch(series_uid)
-        if zf is None and self._series_zip and before is not None and before.window == 0 and state.window:
-            sizes = [max(int(f.size or 0), 0) for f in siblings]
-            if wants_zip(before, state, len(siblings), cached_ahead=self._cached_ahead(siblings, position),
-                         rest_bytes=sum(sizes[position + 1:]), byte_limit=self._zip_bytes):
-                zf = self._start_zip(series_uid, siblings)
+        opened = zf is None and self._series_zip and before is not None and before.window == 0 and state.window
+        if opened and wants_zip(before, state, len(siblings), cached_ahead=self._cached_ahead(siblings, position),
+                                rest_bytes=offsets[-1] - offsets[position + 1], byte_limit=self._zip_bytes):
+            zf = self._start_zip(series_uid, siblings)
         if zf is not None:
-            zf.allow(zip_limit(state, [max(int(f.size or 0), 0) for f in siblings], self._zip_bytes))
+            zf.allow(zip_limit(state, offsets, self._zip_bytes))
         if not ahead:
             return 0
         items = []
@@ -410,15 +412,17 @@ class InstanceStore:
             return self._settled.wait_for(lambda: not self._downloads if path is None else path not in self._downloads,
                                           timeout)
 
-    def _position(self, series_uid: str, siblings: Sequence[InstanceRef]) -> dict[str, int]:
+    def _position(self, series_uid: str, siblings: Sequence[InstanceRef]) -> tuple[dict[str, int], list[int]]:
+        """Each instance's position in ``siblings`` and the files' byte offsets (once per listing)."""
         with self._lock:
             known = self._positions.get(series_uid)
             if known is not None and known[0] is siblings:
-                return known[1]
+                return known[1], known[2]
         positions = {str(s.sop_uid): i for i, s in enumerate(siblings) if s.sop_uid}
+        offsets = byte_offsets([max(int(f.size or 0), 0) for f in siblings])
         with self._lock:
-            self._positions[series_uid] = (siblings, positions)
-        return positions
+            self._positions[series_uid] = (siblings, positions, offsets)
+        return positions, offsets
 
     # ----------------------------------------------------------------- the series zip
     def _cached_ahead(self, siblings: Sequence[InstanceRef], position: int) -> int:

@@ -28,6 +28,7 @@ past the window (:func:`zip_limit`): what nobody reads is not fetched that way e
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -78,15 +79,29 @@ def wants_zip(before: ReaderState | None, after: ReaderState, count: int, *, cac
             and count - 1 - after.last >= ZIP_MIN_REST and cached_ahead == 0 and rest_bytes <= byte_limit)
 
 
-def zip_limit(state: ReaderState, sizes: Sequence[int], byte_limit: int) -> int:
+def byte_offsets(sizes: Sequence[int]) -> list[int]:
+    """Where each file of a series starts, counted in bytes from the series' start (reading order), and
+    the series' total last: ``offsets[i]`` is the bytes of the files before position ``i``. Computed
+    once per listing, so that nothing an open does grows with the series."""
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + max(int(size), 0))
+    return offsets
+
+
+def zip_limit(state: ReaderState, offsets: Sequence[int], byte_limit: int) -> int:
     """The position (exclusive) up to which the zip may deliver: the end of the window asked for, and no
-    more than ``byte_limit`` bytes past the reader (``sizes``: the series' file sizes, reading order)."""
-    stop = min(state.asked + 1, len(sizes))
-    total = 0
-    for position in range(state.last + 1, stop):
-        total += max(int(sizes[position]), 0)
-        if total > byte_limit:
-            return max(position, state.last + 2)
+    more than ``byte_limit`` bytes past the reader (``offsets``: :func:`byte_offsets` of the series'
+    file sizes). The next file always may come."""
+    count = len(offsets) - 1
+    stop = min(state.asked + 1, count)
+    first = state.last + 1
+    if first >= stop:
+        return stop
+    # the first position whose file ends past the bound: files first..position hold > byte_limit bytes
+    over = bisect_right(offsets, offsets[first] + byte_limit) - 1
+    if over < stop:
+        return max(over, state.last + 2)
     return stop
 
 
