@@ -612,15 +612,15 @@ def test_a_measurement_that_breaks_never_fails_a_fetch(make_store, client):
 def test_an_opener_stops_waiting_for_a_zip_that_stalls_and_singles_take_over(make_store, client, monkeypatch):
     import nbiafs.store as store_module
 
-    monkeypatch.setattr(store_module, "ZIP_WAIT", 0.5)
+    monkeypatch.setattr(store_module, "ZIP_WAIT", 1.0)
     client.zip_hold_at = 10
     store = make_store(workers=2, zip_trial=verdict(ZIP_ONLY))
     try:
         started = time.monotonic()
         walk(store, client, range(40))  # exact bytes, the zip held before file 10
         took = time.monotonic() - started
-        # one opener waited out ZIP_WAIT, then none did (without that, the next two would have too)
-        assert took < 2.5 * 0.5, took
+        # one opener waited out ZIP_WAIT, then none did (the next two were within the zip's reach too)
+        assert took < 2.5 * 1.0, took
         assert store.stats().prefetches > 0  # read-ahead singles were let go
     finally:
         client.zip_go_on.set()
