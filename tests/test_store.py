@@ -24,7 +24,7 @@ from nbiafs.errors import CacheFullError, NbiaError, OfflineError, RemoteNotFoun
 from nbiafs.store import InstanceStore
 from nbiafs.store.download import MEMORY_LIMIT
 from nbiafs.store.index import CacheIndex
-from nbiafs.store.zipmode import ZIP_ONLY, Trial
+from nbiafs.store.zipmode import BOTH, ZIP_ONLY, Trial
 
 WAIT = 10.0  # seconds a test waits for an event before failing (never reached when things work)
 SERIES = "1.2.826.0.1.3680043.9.7.1.1.1.1"
@@ -592,6 +592,28 @@ def test_a_zip_measured_faster_alone_brings_the_series_and_openers_wait_for_it(m
     assert fetches(client) <= 3
     assert fetches(client) + stats.zip_files == N_INSTANCES
     assert all(fetches(client, n) <= 1 for n in SIBLINGS)
+
+
+def test_the_next_zip_starts_from_a_recent_verdict_without_measuring_again(make_store, client):
+    made: list[_Verdict] = []
+
+    def counting() -> Trial:  # measured, the first zip would go alone and the second with singles
+        trial = verdict(BOTH if made else ZIP_ONLY)()
+        made.append(trial)
+        return trial
+
+    store = make_store(workers=2, zip_trial=counting)
+    walk(store, client, range(40))
+    assert store.wait_prefetched(WAIT)
+    assert made[0].phase == ZIP_ONLY
+    store.evict_all()
+    client.reset_counts()
+    walk(store, client, range(40))  # the same reading again: a second zip
+    assert store.wait_prefetched(WAIT)
+    stats = store.stats()
+    assert stats.zips == 2 and stats.zips_alone == 2
+    assert stats.prefetches == 0  # the second zip was alone from its start: no single ran beside it
+    assert made[1].phase == ZIP_ONLY  # the verdict of the first, not a measurement of its own
 
 
 class _Broken(Trial):

@@ -81,6 +81,9 @@ READERS = 10_000
 ZIPS = 2
 #: An open of a file a running zip is about to bring waits this long for it at most, then fetches it alone.
 ZIP_WAIT = 2.0
+#: A trial's verdict holds for the zips that start within this many seconds after it (the network
+#: seldom changes between two series of one reading); later zips are measured again.
+VERDICT_TTL = 300.0
 
 
 class InstanceRef(Protocol):
@@ -221,6 +224,7 @@ class InstanceStore:
         self._zips: dict[str, ZipFetch] = {}
         self._trials: dict[str, Trial] = {}  # series -> the measurement of its running zip (zipmode)
         self._zip_trial = zip_trial
+        self._verdict: tuple[str, float] | None = None  # the last trial's decision and when it was made
         self._trial_lock = threading.Lock()
         self._zip_bytes = int(size_limit * read_ahead_share)
         self._prefetcher = Prefetcher(self._fetch_ahead, workers=0 if offline else workers,
@@ -442,12 +446,17 @@ class InstanceStore:
                           open_zip=lambda: client.image_zip(series_uid, include_md5=True),
                           skip=self._claimed, deliver=self._deliver_from_zip, record_md5=self._record_zip_md5)
             self._zips[series_uid] = zf
-        with self._trial_lock:  # the zip starts alone: singles wait for the trial (zipmode)
+        with self._trial_lock:  # the zip starts alone: singles wait for the trial (zipmode) ...
             trial = self._zip_trial()
             trial.settle_sources = max(1, self._workers - 1)
+            verdict = self._verdict
+            if verdict is not None and time.monotonic() - verdict[1] < VERDICT_TTL:
+                trial.phase = verdict[0]  # ... unless a recent trial decided already
             self._trials[series_uid] = trial
-            self._prefetcher.hold(series_uid)
+            self._prefetcher.hold(series_uid, not trial.singles_allowed)
         self._counters.add("zips")
+        if trial.phase == ZIP_ONLY:
+            self._counters.add("zips_alone")
         threading.Thread(target=self._run_zip, args=(zf,), name="nbiafs-zip", daemon=True).start()
         return zf
 
@@ -475,6 +484,8 @@ class InstanceStore:
                 if self._trials.get(download.series_uid) is not trial or not trial.add(
                         time.monotonic(), nbytes, via_zip=download.via_zip, source=id(download)):
                     return
+                if trial.decided:  # measured: the next zips start from this verdict (VERDICT_TTL)
+                    self._verdict = (trial.phase, time.monotonic())
             except Exception:
                 log.warning("the zip trial of series %s failed; zip and singles go on", download.series_uid,
                             exc_info=True)
