@@ -20,7 +20,7 @@ arriving (what the reader gets, whichever way they come):
 
 The faster wins for the rest of that zip; a tie (within ``margin``) goes to MIXED, which does not
 rest on one connection. A phase ends only once it saw ``min_bytes`` (a slow link gets a longer look),
-or after ``10 x span`` whatever it saw. Opens of the reader are never held: only read-ahead is.
+or after ten times its span whatever it saw. Opens of the reader are never held: only read-ahead is.
 The store keeps a verdict for the zips that start within five minutes after it (the network seldom
 changes between two series of one reading): they start decided, without the trial's cost. Pure (no
 threads, no clock of its own): fed with (time, bytes, how they came), tested alone.
