@@ -51,7 +51,7 @@ from .index import OBJECTS, CacheIndex, Digests
 from .prefetcher import Item, Prefetcher
 from .readahead import ZIP_MIN_REST, Budget, ReaderState, byte_offsets, plan, wants_zip, zip_limit
 from .zipfetch import ZipFetch
-from .zipmode import BOTH, ZIP_ONLY, Trial
+from .zipmode import ZIP_ONLY, Trial
 
 if TYPE_CHECKING:
     from ..client import NbiaClient
@@ -489,7 +489,7 @@ class InstanceStore:
             except Exception:
                 log.warning("the zip trial of series %s failed; zip and singles go on", download.series_uid,
                             exc_info=True)
-                trial.phase = BOTH
+                trial.abandon()
             self._prefetcher.hold(download.series_uid, not trial.singles_allowed)
         if trial.decided:
             log.info("zip of series %s: %s", download.series_uid, trial.describe())
@@ -524,7 +524,7 @@ class InstanceStore:
         with self._trial_lock:
             trial = self._trials.get(series_uid)
             if trial is not None:
-                trial.phase = BOTH
+                trial.abandon()
             self._prefetcher.hold(series_uid, False)
 
     def _claimed(self, node: InstanceRef) -> bool:

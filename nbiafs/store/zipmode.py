@@ -78,6 +78,10 @@ class Trial:
     def decided(self) -> bool:
         return self.phase in (ZIP_ONLY, BOTH)
 
+    def abandon(self) -> None:
+        """Stop measuring and run zip and singles (the zip stalled, or the measurement broke)."""
+        self.phase = BOTH
+
     def add(self, now: float, nbytes: int, *, via_zip: bool, source: object = None) -> bool:
         """Bytes of a file of the series arrived at ``now`` (``via_zip``: from the zip; ``source``: which
         fetch). Returns True when this moved the trial on (the caller then applies
