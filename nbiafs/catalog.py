@@ -53,6 +53,7 @@ from .errors import (
     ProtocolError,
     ServerError,
 )
+from .lrumap import ExpiringLRU
 from .manifest import Scope
 from .metacache import MetadataCache
 from .records import Collection, DrillDown, Instance, Patient, Series, Study
@@ -214,7 +215,7 @@ class Catalog:
         self.root = Node("root", "/", ROOT_INO, DEFAULT_MTIME)
         least = max(1, LISTINGS_MAX_NODES // LISTINGS_MAXSIZE)  # so at most LISTINGS_MAXSIZE listings fit
         # built listings live as long as the records behind them: a series' for good, the others the ttl
-        self._listings: cachetools.TLRUCache[str, dict[str, Node]] = cachetools.TLRUCache(
+        self._listings: ExpiringLRU[str, dict[str, Node]] = ExpiringLRU(
             LISTINGS_MAX_NODES, lambda path, built, now: now + (STABLE_TTL if path.count("/") == 4 else meta.ttl),
             getsizeof=lambda built: max(least, len(built) + 1))
         self._drilled: cachetools.TTLCache[str, list[Instance]] = cachetools.TTLCache(
@@ -247,7 +248,12 @@ class Catalog:
     def series_files(self, node: Node) -> tuple[Node, ...]:
         """The instance files of ``node``'s series, in name (reading) order: the same tuple for as long as
         the listing is kept, so the store computes positions in it once, not on every open."""
-        parent = self.lookup(node.path.rsplit("/", 1)[0] or "/") if node.kind == "instance" else node
+        parent_path = (node.path.rsplit("/", 1)[0] or "/") if node.kind == "instance" else node.path
+        with self._lock:  # the open of a file just looked up: its series' listing is built
+            known = self._series_files.get(parent_path)
+            if known is not None and known[0] is self._listings.get(parent_path):
+                return known[1]
+        parent = self.lookup(parent_path) if node.kind == "instance" else node
         listing = self._listing(parent)
         with self._lock:
             known = self._series_files.get(parent.path)
