@@ -39,6 +39,7 @@ from .errors import (
     ReadOnlyError,
     errno_for,
 )
+from .threadstate import ThreadStates
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,10 @@ DEFAULT_NEGATIVE_TIMEOUT = 60.0
 #: Upper bound on libfuse worker threads. Every open of an uncached file holds one for up to the client
 #: deadline, so this must comfortably exceed the store's download workers plus interactive listings.
 MAX_THREADS = 64
-#: Idle libfuse threads kept around (set explicitly: libfuse 3.14 warns about its own default).
-MAX_IDLE_THREADS = 16
+#: Idle libfuse threads kept around (set explicitly: libfuse 3.14 warns about its own default). As many
+#: as may run: a thread libfuse ends would take its kept Python thread state with it (see
+#: :mod:`nbiafs.threadstate`), and a new one would pay for building its own again.
+MAX_IDLE_THREADS = MAX_THREADS
 
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
@@ -77,6 +80,7 @@ def _guarded(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(self: NbiaFS, *args: Any, **kwargs: Any) -> Any:
+        self.thread_states.keep()  # first: later requests on this libfuse thread find their state
         try:
             return func(self, *args, **kwargs)
         except fuse.FuseOSError:
@@ -139,6 +143,7 @@ class NbiaFS(fuse.Operations):
         self._stop_first = stop_first
         self._on_readdir = on_readdir
         self.meta = meta  # nbiafs.metafiles.MetaFiles: xattrs and the metadata files
+        self.thread_states = ThreadStates()
 
     # ------------------------------------------------------------------ lifecycle
     def init(self, path: str) -> None:

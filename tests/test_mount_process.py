@@ -25,7 +25,7 @@ from conftest import (
     wait_until,
 )
 
-from nbiafs import daemon
+from nbiafs import control, daemon, fs
 from nbiafs.emulator import TEST_PASSWORD, TEST_USER
 
 pytestmark = pytest.mark.fuse
@@ -186,7 +186,7 @@ def test_a_hanging_token_endpoint_holds_an_open_for_the_deadline_not_minutes(mak
 
 # ---------------------------------------------------------------------------------- threads and the cache database
 def test_warm_opens_open_the_cache_database_a_bounded_number_of_times(emulator, mounter, tmp_path) -> None:
-    """libfuse gives every callback a fresh Python thread state: thread-local SQLite connections were
+    """libfuse gave every callback a fresh Python thread state: thread-local SQLite connections were
     opened again and again (a warm remount opened cache.db 24 times for 120 opens). Counted with strace
     on the real mount process."""
     require_tool("strace", "strace")
@@ -213,6 +213,21 @@ def test_warm_opens_open_the_cache_database_a_bounded_number_of_times(emulator, 
         tracer.wait(30)
     opened = [line for line in trace.read_text().splitlines() if "cache.db" in line and "= -1" not in line]
     assert len(opened) <= 2, f"cache.db opened {len(opened)} times for {len(names)} warm opens"
+
+
+def test_libfuse_threads_keep_their_python_thread_state_from_one_request_to_the_next(emulator, mounter) -> None:
+    """Each request on a libfuse thread used to build a Python thread state and delete it again (most
+    of a warm open's cost, see nbiafs.threadstate). Kept, a later request on the same thread finds
+    its state; were it built again, no request would (every one would keep a new one, up to the bound)."""
+    m = mounter(emulator, extra=("--no-prefetch",))
+    series = first_series(m.path)
+    file = series / ls(series)[0]
+    file.read_bytes()
+    for _ in range(100):  # 200 requests: an open and a release each
+        os.close(os.open(file, os.O_RDONLY))
+    counts = control.request(daemon.control_socket_path(m.path), {"op": "stats"}, timeout=30)["thread_states"]
+    assert 1 <= counts["kept"] <= fs.MAX_THREADS
+    assert counts["reused"] >= 200 - counts["kept"]
 
 
 def _attached(pid: int) -> bool:
