@@ -56,9 +56,39 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _plain(value: Any) -> Any:
+    """What the JSON encoder cannot write itself: dates as ISO text, records as their fields."""
+    if isinstance(value, (dt.date, dt.datetime)):
+        return value.isoformat()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.name not in ("record",)}
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+#: json's C encoder (no indent: with one, json encodes in Python, 14 us per instance of a .series.json,
+#: which ``find -ls`` makes for every series it passes).
+_ENCODER = json.JSONEncoder(sort_keys=True, ensure_ascii=False, default=_plain)
+
+
 def to_json(value: Any) -> bytes:
-    """Stable, human-readable JSON (sorted keys, UTF-8), ending in a newline."""
-    return (json.dumps(_jsonable(value), indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+    """Stable, human-readable JSON (sorted keys, UTF-8), ending in a newline: an object shows one line per
+    key, and a list under a key one line per element, each line written by the C encoder."""
+    if not isinstance(value, dict):
+        try:
+            value = _plain(value)
+        except TypeError:
+            return (_ENCODER.encode(value) + "\n").encode("utf-8")
+    if not value:
+        return b"{}\n"
+    lines = []
+    for key in sorted(value, key=str):
+        item = value[key]
+        if isinstance(item, (list, tuple)) and item:
+            body = "[\n  " + ",\n  ".join(map(_ENCODER.encode, item)) + "\n ]"
+        else:
+            body = _ENCODER.encode(item)
+        lines.append(f" {_ENCODER.encode(str(key))}: {body}")
+    return ("{\n" + ",\n".join(lines) + "\n}\n").encode("utf-8")
 
 
 class MetaFiles:

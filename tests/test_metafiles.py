@@ -12,6 +12,7 @@ from conftest import ls, require_tool, wait_until
 
 from nbiafs.citation import Citation, citation_from, doi_from, html_to_text
 from nbiafs.emulator import Emulator
+from nbiafs.metafiles import _jsonable, to_json
 
 
 def test_dois_are_found_in_links_and_text() -> None:
@@ -154,3 +155,28 @@ def test_no_metadata_files_hides_them(emulator, mounter) -> None:
     m = mounter(emulator, extra=("--no-metadata-files",))
     assert not any(n.startswith(".") for n in os.listdir(m.path))
     assert not any(n.startswith(".") for n in os.listdir(m.path / "Demo-Chest-CT"))
+
+
+def test_metadata_json_is_what_the_records_hold_sorted_with_one_line_per_key_and_per_listed_element() -> None:
+    import dataclasses
+    import datetime as dt
+
+    @dataclasses.dataclass
+    class Rec:
+        uid: str
+        date: dt.date
+        tags: tuple[str, ...]
+        record: dict  # the raw server record: never written
+
+    value = {"series": Rec("1.2.3", dt.date(2020, 1, 2), ("a", "b"), {"raw": 1}), "n": 3, "empty": [],
+             "instances": [{"size": 2, "file": "1-002.dcm", "md5": None}, {"file": "1-001.dcm", "size": 1}],
+             "nested": {"z": [1, 2], "a": "é"}}
+    text = to_json(value).decode("utf-8")
+    assert json.loads(text) == _jsonable(value)  # the same content the records hold, dates and records plain
+    lines = text.splitlines()
+    assert text.endswith("}\n") and lines[0] == "{" and lines[-1] == "}"
+    keys = [line.split(":", 1)[0].strip() for line in lines[1:-1] if line.startswith(' "')]
+    assert keys == sorted(keys) == ['"empty"', '"instances"', '"n"', '"nested"', '"series"']
+    assert '  {"file": "1-002.dcm", "md5": null, "size": 2},' in lines  # one element per line, keys sorted
+    assert "é" in text and '"record"' not in text
+    assert to_json({}) == b"{}\n" and json.loads(to_json([1, {"b": 1, "a": 2}])) == [1, {"a": 2, "b": 1}]
