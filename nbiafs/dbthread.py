@@ -1,10 +1,12 @@
 """One thread that owns a SQLite-backed cache (a ``diskcache.Cache``) and runs every call on it.
 
 Why: diskcache keeps one SQLite connection per thread (``threading.local``). libfuse calls Python from
-its own native threads, and each callback gets a fresh Python thread state, so thread-local state is
-lost between callbacks: every callback opened ``cache.db`` again (a warm remount opened it 24 times for
-120 file opens, and the process's fd count doubled). Here the cache is created, used and closed on one
-thread, so it has exactly one connection for its whole life, whichever thread asks.
+its own native threads, and a callback there may get a fresh Python thread state (always did, before
+:mod:`nbiafs.threadstate` kept one per thread; it still does past that module's bound), so
+thread-local state can be lost between callbacks: every callback opened ``cache.db`` again (a warm
+remount opened it 24 times for 120 file opens, and the process's fd count doubled). Here the cache is
+created, used and closed on one thread, so it has exactly one connection for its whole life, whichever
+thread asks.
 
 Every call waits at most its ``timeout`` (the caller's deadline or the store's lock timeout) and then
 raises :class:`DbTimeout`: callers fall back (serve from memory, fetch, skip a write) instead of

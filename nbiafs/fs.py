@@ -8,7 +8,9 @@ caching policy of its own: listings and sizes come from :class:`nbiafs.catalog.C
 
 Threads (token refresher, store workers) are started in :meth:`NbiaFS.init`, i.e. inside the FUSE
 main loop, and stopped in :meth:`NbiaFS.destroy`, so nothing is lost if the process was forked
-before mounting. libfuse calls Python from its own native threads, one fresh Python thread state per
+before mounting. libfuse calls Python from its own native threads; every handler first keeps the
+thread's Python state for the next request (:mod:`nbiafs.threadstate`: building one per request was
+most of a warm open's cost), but past that module's bound a thread still gets a fresh one per
 callback: nothing here keeps ``threading.local`` state between callbacks.
 
 A file whose bytes turn out longer or shorter than the metadata said (a complete body by its own

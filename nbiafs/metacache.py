@@ -22,7 +22,7 @@ cannot be read (corrupt, from another schema) is dropped and loaded again; a dis
 written (full, read-only) is logged once and the cache keeps serving from memory.
 
 The disk cache lives on its own thread (:class:`nbiafs.dbthread.DbThread`): one SQLite connection for
-the cache's life, whatever thread asks (libfuse's native threads lose thread-local state between
+the cache's life, whatever thread asks (libfuse's native threads may lose thread-local state between
 callbacks). Reads wait at most ``db_timeout``; a database that does not answer in time (locked by
 another process, a slow disk) is a miss, and the listing is loaded from the server instead of failing.
 Writes are queued, not waited for.

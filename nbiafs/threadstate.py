@@ -13,10 +13,11 @@ the thread the first time it sees it, and never releases it: the thread state th
 callback (ctypes' own release still hands the GIL back), and the next request on that thread finds it.
 
 Why a bound: a thread state kept on a thread that libfuse later ends is never freed (CPython frees
-it at exit). libfuse 3 is told to keep its threads (``max_idle_threads`` = ``max_threads``, see
-:mod:`nbiafs.fs`), so that costs nothing there; libfuse 2 ends idle threads beyond ten of its own
-accord, so the threads kept are bounded (:data:`KEEP_LIMIT`): past it, a new thread takes the slow
-path as before. A kept state is about 20 KiB.
+it at exit). libfuse is told to keep as many idle threads as it may run (``max_idle_threads`` =
+``max_threads``, see :mod:`nbiafs.fs`), so it ends none; but a libfuse older than 3.12 has no
+``max_threads`` and may start more at a burst, then end those beyond the idle limit. So the states
+kept are bounded (:data:`KEEP_LIMIT`): past it, a new thread takes the slow path, as before. A kept
+state is a ``PyThreadState`` and its first 16 KiB chunk of frame stack.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import threading
 
 log = logging.getLogger(__name__)
 
-#: Thread states kept at most over a mount's life (threads that libfuse 2 ended included).
+#: Thread states kept at most over a mount's life (those of threads libfuse ended included).
 KEEP_LIMIT = 256
 
 
@@ -42,9 +43,13 @@ class ThreadStates:
         self._kept = 0
         self._reused = 0
         self._limit = limit
-        ensure = ctypes.pythonapi.PyGILState_Ensure
-        ensure.restype = ctypes.c_int
-        ensure.argtypes = []
+        try:
+            ensure = ctypes.pythonapi.PyGILState_Ensure
+        except AttributeError:  # a Python without its C API in ctypes (PyPy): the slow path, as before
+            ensure = None
+        else:
+            ensure.restype = ctypes.c_int
+            ensure.argtypes = []
         self._ensure = ensure
 
     def counts(self) -> dict[str, int]:
@@ -56,6 +61,8 @@ class ThreadStates:
         """Keep this thread's state past the current callback (once per thread, within the bound)."""
         if getattr(self._local, "kept", False):
             self._reused += 1  # a statistic: an increment lost to a race changes nothing
+            return
+        if self._ensure is None:
             return
         with self._lock:
             if self._kept >= self._limit:
