@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,13 @@ class ThreadStates:
         self._kept = 0
         self._reused = 0
         self._limit = limit
-        try:
-            ensure = ctypes.pythonapi.PyGILState_Ensure
-        except AttributeError:  # a Python without its C API in ctypes (PyPy): the slow path, as before
-            ensure = None
-        else:
+        self._ensure: Callable[[], int] | None = None
+        api = getattr(ctypes, "pythonapi", None)  # None on a Python without its C API in ctypes (PyPy)
+        if api is not None:
+            ensure = api.PyGILState_Ensure
             ensure.restype = ctypes.c_int
             ensure.argtypes = []
-        self._ensure = ensure
+            self._ensure = ensure
 
     def counts(self) -> dict[str, int]:
         """``kept``: thread states kept so far; ``reused``: requests that found theirs kept (without
