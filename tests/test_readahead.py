@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from nbiafs.store.readahead import FIRST_WINDOW, Budget, ReaderState, byte_offsets, plan, wants_zip, zip_limit
+from nbiafs.store.readahead import (
+    FIRST_WINDOW,
+    WALK_ON_WITHIN,
+    Budget,
+    ReaderState,
+    WalkOn,
+    byte_offsets,
+    finished_in_order,
+    plan,
+    walk_on,
+    wants_zip,
+    zip_limit,
+)
 
 
 def walk(count: int, opens: list[int]) -> list[list[int]]:
@@ -126,3 +138,47 @@ def test_the_zip_limit_with_prefix_sums_is_the_walk_it_replaced():
         state = ReaderState(last, 4, rng.randint(last, len(sizes) + 3))
         limit = rng.choice((0, 99, 100, 5000, 1_000_000, 10**9))
         assert zip_limit(state, byte_offsets(sizes), limit) == walked(state, sizes, limit), (sizes, state, limit)
+
+
+# ------------------------------------------------------------------ from series to series (walk_on)
+def read_through(count: int) -> tuple[ReaderState | None, bool]:
+    """A reader walking a whole series of ``count`` files in order: its last state before the last file,
+    and whether that last open finished the series in order."""
+    state: ReaderState | None = None
+    for position in range(count - 1):
+        state, _ = plan(state, position, count)
+    return state, finished_in_order(state, count - 1, count)
+
+
+def test_a_series_read_to_its_end_in_order_is_finished_and_nothing_else_is() -> None:
+    assert read_through(200)[1] and read_through(3)[1]
+    state, _ = plan(None, 198, 200)  # a reader that jumped near the end: no window open
+    assert not finished_in_order(state, 199, 200)
+    state = ReaderState(last=150, window=8, asked=160)
+    assert not finished_in_order(state, 151, 200)  # in order, but not the last file
+    assert not finished_in_order(None, 199, 200)
+
+
+def test_the_first_file_of_the_next_series_opens_its_window_at_once_and_may_start_its_zip() -> None:
+    sign, start, abandoned = walk_on(WalkOn(finished_at=100.0), 101.0, "B", 0, None)
+    assert sign == WalkOn(100.0, "B") and abandoned is None and start is not None
+    state, ahead = plan(start, 0, 200)
+    assert list(ahead) == list(range(1, 1 + FIRST_WINDOW)) and state.window == FIRST_WINDOW
+    assert wants_zip(start, state, 200, rest_bytes=1, byte_limit=10)
+    # without the sign, the same open fetches its file only (and no zip)
+    assert walk_on(None, 101.0, "B", 0, None) == (None, None, None)
+
+
+def test_the_sign_lasts_its_time_and_only_a_first_file_walks_on() -> None:
+    sign = WalkOn(finished_at=100.0)
+    assert walk_on(sign, 100.0 + WALK_ON_WITHIN + 0.1, "B", 0, None) == (None, None, None)
+    assert walk_on(sign, 101.0, "B", 57, None) == (sign, None, None)  # kept for a first file later
+
+
+def test_a_scan_after_a_walk_pays_for_one_guessed_series_then_the_sign_is_gone() -> None:
+    sign = WalkOn(finished_at=100.0, guessed="B")
+    left_after_its_first_file = ReaderState(last=0, window=FIRST_WINDOW, asked=2)
+    assert walk_on(sign, 101.0, "C", 0, left_after_its_first_file) == (None, None, "B")
+    walked_on = ReaderState(last=40, window=16, asked=56)  # the reader went on through B: C is next
+    kept, start, abandoned = walk_on(sign, 101.0, "C", 0, walked_on)
+    assert kept == WalkOn(100.0, "C") and start is not None and abandoned is None

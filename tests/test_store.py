@@ -24,6 +24,7 @@ from nbiafs.errors import CacheFullError, NbiaError, OfflineError, RemoteNotFoun
 from nbiafs.store import InstanceStore
 from nbiafs.store.download import MEMORY_LIMIT
 from nbiafs.store.index import CacheIndex
+from nbiafs.store.readahead import FIRST_WINDOW
 from nbiafs.store.zipmode import BOTH, ZIP_ONLY, Trial
 
 WAIT = 10.0  # seconds a test waits for an event before failing (never reached when things work)
@@ -850,3 +851,82 @@ def test_the_index_scan_learns_what_another_process_wrote(tmp_path, client, make
     read_all(writer, node(5))
     index = CacheIndex(tmp_path, "http://emu|nbia_guest", 10**9)
     assert index.scan() == 1 and index.total == 5000
+
+
+# ---------------------------------------------------------------------------------- from series to series
+def three_series() -> tuple[FakeNbiaClient, list[tuple[Node, ...]]]:
+    """Three series of 40 instances in one study (a study read folder after folder)."""
+    archive = FakeArchive()
+    archive.add_collection("Coll-1")
+    archive.add_patient("Coll-1", "P1")
+    study = archive.add_study("Coll-1", "P1", "1.2.826.0.1.3680043.9.7.1.1.2")
+    all_series = []
+    for s in range(3):
+        uid = f"1.2.826.0.1.3680043.9.7.1.1.2.{s + 1}"
+        series = archive.add_series(study, uid, number=s + 1)
+        nodes = []
+        for i in range(40):
+            archive.add_instance(series, f"{uid}.{i}", number=i + 1, size=5000)
+            nodes.append(Node("instance", f"/Coll-1/P1/s/{s + 1}/1-{i:03d}.dcm", ino=5000 + 100 * s + i, mtime=0.0,
+                              size=5000, collection="Coll-1", patient_id="P1", series_uid=uid,
+                              sop_uid=f"{uid}.{i}", instance_number=i + 1))
+        all_series.append(tuple(nodes))
+    return FakeNbiaClient(archive), all_series
+
+
+def open_in_order(store: InstanceStore, client: FakeNbiaClient, files, positions) -> None:
+    for i in positions:
+        assert read_all(store, files[i]) == body(client, files[i])
+        store.on_open(files[i], files)
+
+
+def test_a_reader_that_read_a_series_to_its_end_walks_on_into_the_next_from_its_first_file(make_store):
+    client, (a, b, _) = three_series()
+    store = make_store(client=client, series_zip=False)
+    open_in_order(store, client, a, range(40))
+    assert store.wait_prefetched(WAIT)
+    open_in_order(store, client, b, [0])  # one open of the next series' first file
+    assert store.wait_prefetched(WAIT)
+    assert all(store.contains(n) for n in b[:3])  # its window opened at once: files 1 and 2 came too
+    assert store.stats().walks_on == 1
+    assert all(fetches(client, n) == 1 for n in a + b if store.contains(n))
+
+
+def test_the_next_series_zip_starts_at_its_first_open_after_a_series_read_to_its_end(make_store):
+    client, (a, b, _) = three_series()
+    store = make_store(client=client, workers=2)
+    open_in_order(store, client, a, range(40))
+    assert store.wait_prefetched(WAIT)
+    assert zips(client) == 1
+    open_in_order(store, client, b, [0])
+    assert wait_for(lambda: zips(client) == 2)  # without a second open
+    open_in_order(store, client, b, range(1, 40))
+    assert store.wait_prefetched(WAIT)
+    assert all(fetches(client, n) <= 1 for n in b)
+
+
+def test_a_header_scan_after_a_series_read_to_its_end_pays_for_one_window_once(make_store):
+    client, series = three_series()
+    a, b, c = series
+    store = make_store(client=client, series_zip=False)
+    open_in_order(store, client, a, range(40))
+    assert store.wait_prefetched(WAIT)
+    before = fetches(client)
+    for files in (b, c):  # the first file of each series: a scan, not a walk
+        open_in_order(store, client, files, [0])
+    assert store.wait_prefetched(WAIT)
+    assert fetches(client) - before == 1 + FIRST_WINDOW + 1  # b's first file and window once, c's file only
+    assert not store.contains(c[1]) and store.stats().walks_on == 1
+
+
+def test_the_zip_of_a_series_guessed_wrongly_stops_when_the_scan_moves_on(make_store):
+    client, (a, b, c) = three_series()
+    store = make_store(client=client, workers=2)
+    open_in_order(store, client, a, range(40))
+    assert store.wait_prefetched(WAIT)
+    open_in_order(store, client, b, [0])
+    assert wait_for(lambda: zips(client) == 2)  # b guessed as walked: its zip started at the first open
+    open_in_order(store, client, c, [0])  # but the reader scans: b's zip has no reader, and stops
+    assert wait_for(lambda: b[0].series_uid not in store._zips)
+    assert store.wait_prefetched(WAIT) and zips(client) == 2
+    assert sum(store.contains(n) for n in b) <= 1 + FIRST_WINDOW + 1 and not store.contains(c[1])

@@ -49,7 +49,18 @@ from .download import MEMORY_LIMIT, Download
 from .handles import DownloadHandle, FileHandle, HandleTable
 from .index import OBJECTS, CacheIndex, Digests
 from .prefetcher import Item, Prefetcher
-from .readahead import ZIP_MIN_REST, Budget, ReaderState, byte_offsets, plan, wants_zip, zip_limit
+from .readahead import (
+    ZIP_MIN_REST,
+    Budget,
+    ReaderState,
+    WalkOn,
+    byte_offsets,
+    finished_in_order,
+    plan,
+    walk_on,
+    wants_zip,
+    zip_limit,
+)
 from .zipfetch import ZipFetch
 from .zipmode import ZIP_ONLY, Trial
 
@@ -124,6 +135,7 @@ class StoreStats:
     zip_files: int = 0  # instances written from a series zip
     zips_alone: int = 0  # zips that ran without singles beside them (measured faster so, see zipmode)
     zip_waits: int = 0  # opens that waited for the zip to bring their file instead of fetching it apart
+    walks_on: int = 0  # first opens of a series whose window opened at once (a reader walking series on)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +228,7 @@ class InstanceStore:
         self._handles = HandleTable()
         self._counters = _Counters()
         self._readers: cachetools.LRUCache[str, ReaderState] = cachetools.LRUCache(READERS)
+        self._walk_on: WalkOn | None = None  # a reader read a series to its end in order lately (readahead)
         # series -> (its listing, position of each instance, byte offsets): computed once per listing
         self._positions: cachetools.LRUCache[str, tuple[Sequence[Any], dict[str, int], list[int]]] = \
             cachetools.LRUCache(256)
@@ -362,11 +375,26 @@ class InstanceStore:
         position = positions.get(sop_uid)
         if position is None:
             return 0
+        abandoned_zip: ZipFetch | None = None
+        walked_on = False
         with self._lock:
             before = self._readers.get(series_uid)
+            if before is None:  # a first open: maybe the next series of a reader walking series on
+                sign = self._walk_on
+                guessed = self._readers.get(str(sign.guessed)) if sign is not None and sign.guessed is not None else None
+                self._walk_on, start, abandoned = walk_on(sign, time.monotonic(), series_uid, position, guessed)
+                if abandoned is not None:
+                    abandoned_zip = self._zips.get(str(abandoned))
+                before, walked_on = start, start is not None
             state, ahead = plan(before, position, len(siblings))
             self._readers[series_uid] = state
+            if finished_in_order(before, position, len(siblings)):
+                self._walk_on = WalkOn(time.monotonic())
             zf = self._zips.get(series_uid)
+        if walked_on:
+            self._counters.add("walks_on")
+        if abandoned_zip is not None:  # the guessed series was scanned, not walked: its zip has no reader
+            abandoned_zip.stop()
         self._prefetcher.touch(series_uid)
         opened = zf is None and self._series_zip and before is not None and before.window == 0 and state.window
         if opened and wants_zip(before, state, len(siblings), cached_ahead=self._cached_ahead(siblings, position),

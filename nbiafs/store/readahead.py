@@ -6,13 +6,19 @@ as soon as one file is opened (what nbiafs did before) makes that fast, but a he
 each series: every DICOM indexer, ``dcmdump``, a PACS import) then downloads whole collections, and
 nothing bounded it across series.
 
-The policy, in two parts (mountpoint-s3's prefetcher is the model: a pure plan, a pool apart):
+The policy, in three parts (mountpoint-s3's prefetcher is the model: a pure plan, a pool apart):
 
 * per series, :func:`plan` (pure, tested without threads): the first open of a series fetches that
   file only. An open of the file right after the one opened before (the reader walks in order) grows
   a window, doubling as the kernel's readahead does (2, 4, 8, ... up to the whole series), and asks
   for the files ahead of it within the window. Any other open (random, backwards, one file per series)
   shrinks the window back to nothing: little more than what is opened is ever fetched.
+* from series to series, :func:`walk_on` (pure): a reader that has just read a whole series in order
+  and then opens the first file of another one (``cp -r`` of a study, dcm2niix of a patient) is taken
+  to walk that one too: its window opens at that first open, without the round trips of a first and
+  a second file. The sign lasts :data:`WALK_ON_WITHIN` seconds from the last series read to its end,
+  and a reader that leaves the series it was guessed for after its first file (a scan after all) drops
+  it: a header scan never pays for it more than once.
 * across series, the :class:`Budget`: one global bound on the bytes being fetched ahead at once and on
   the bytes fetched ahead but not opened yet (a share of the cache, so read-ahead never evicts what is
   being read); the scheduler (:mod:`.prefetcher`) serves the series opened most recently first and drops
@@ -29,7 +35,7 @@ past the window (:func:`zip_limit`): what nobody reads is not fetched that way e
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 #: The first window a sequential reader gets, and the most it can grow to (files).
@@ -39,6 +45,9 @@ MAX_WINDOW = 1 << 16
 ZIP_NEAR_START = 4
 #: ... and at least this many files follow (a short series is as fast by singles alone).
 ZIP_MIN_REST = 16
+#: Seconds after a reader read a series to its end in order during which the first open of another
+#: series takes it to walk that one too (:func:`walk_on`).
+WALK_ON_WITHIN = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +75,41 @@ def plan(state: ReaderState | None, opened: int, count: int, *, max_window: int 
         return ReaderState(opened, window, asked), range(start, max(start, stop))
     # a jump (random access, backwards, a second reader elsewhere): no read-ahead until it walks again
     return ReaderState(opened, 0, opened), range(0)
+
+
+def finished_in_order(before: ReaderState | None, opened: int, count: int) -> bool:
+    """Whether the open of position ``opened`` ends a walk through the series (of ``count``): its last
+    file, opened right after the one before by a reader whose window was open."""
+    return before is not None and before.window > 0 and opened == before.last + 1 == count - 1
+
+
+@dataclass(frozen=True, slots=True)
+class WalkOn:
+    """The sign that a reader walks series after series: when a series was last read to its end in
+    order, and the series it was then guessed to walk next (None until a first open took the sign)."""
+
+    finished_at: float
+    guessed: Hashable | None = None
+
+
+def walk_on(sign: WalkOn | None, now: float, series: Hashable, opened: int,
+            guessed_state: ReaderState | None) -> tuple[WalkOn | None, ReaderState | None, Hashable | None]:
+    """At the first open of ``series`` (position ``opened``): the sign kept, the state to :func:`plan`
+    from (None: a first open like any other, which fetches that file only), and the series the sign
+    had been taken for whose reader went no further than its first file (its zip can stop), if any.
+
+    ``guessed_state`` is the reader state of ``sign.guessed``. Only an open of a series' first file
+    walks on; a reader that left the guessed series after its first file was scanning, and the sign
+    goes."""
+    if sign is None:
+        return None, None, None
+    if now - sign.finished_at > WALK_ON_WITHIN:
+        return None, None, None
+    if opened != 0:
+        return sign, None, None
+    if sign.guessed is not None and sign.guessed != series and (guessed_state is None or guessed_state.last < 1):
+        return None, None, sign.guessed
+    return WalkOn(sign.finished_at, series), ReaderState(opened - 1, 0, opened - 1), None
 
 
 def wants_zip(before: ReaderState | None, after: ReaderState, count: int, *, cached_ahead: int = 0,
