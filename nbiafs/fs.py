@@ -29,10 +29,10 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from . import fuselib
+from . import fuselib, readdirplus
 from .errors import (
     IsDirectoryError,
     NbiaError,
@@ -146,6 +146,8 @@ class NbiaFS(fuse.Operations):
         self._on_readdir = on_readdir
         self.meta = meta  # nbiafs.metafiles.MetaFiles: xattrs and the metadata files
         self.thread_states = ThreadStates()
+        self._getattr_lock = threading.Lock()
+        self._getattr_calls = 0  # every LOOKUP and GETATTR of the kernel is one (stats: what READDIRPLUS saves)
 
     # ------------------------------------------------------------------ lifecycle
     def init(self, path: str) -> None:
@@ -215,7 +217,15 @@ class NbiaFS(fuse.Operations):
 
     @_guarded
     def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
+        with self._getattr_lock:
+            self._getattr_calls += 1
         return self._attrs(self.catalog.lookup(path))
+
+    @property
+    def getattr_calls(self) -> int:
+        """How many attribute requests (the kernel's LOOKUP and GETATTR) this file system answered."""
+        with self._getattr_lock:
+            return self._getattr_calls
 
     @_guarded
     def access(self, path: str, amode: int) -> int:
@@ -255,23 +265,46 @@ class NbiaFS(fuse.Operations):
 
     @_guarded
     def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, Any], int]]:
+        """The whole listing as mfusepy's own readdir takes it (the mount serves :meth:`readdir_entries`)."""
+        return [(name, attrs, 0) for name, attrs, _full in self._entries(path, 0, False)]
+
+    @_guarded
+    def readdir_entries(self, path: str, offset: int, plus: bool) -> Iterator[readdirplus.Entry]:
+        """The entries of a listing from position ``offset`` on, for :mod:`nbiafs.readdirplus`: with
+        ``plus``, folders and instances carry their full attributes (exact and cheap when listed);
+        metadata files never do (a size made from their content; ``stats.json`` changes)."""
+        return self._entries(path, offset, plus)
+
+    def _entries(self, path: str, offset: int, plus: bool) -> Iterator[readdirplus.Entry]:
         node = self.catalog.lookup(path)
         if node.kind in FILE_KINDS:
             raise NotDirectoryError(path)
-        children = self.catalog.children(path)
-        if self._on_readdir is not None:
+        children = self.catalog.children_of(node)  # listed now: a failure is the request's error
+        if offset == 0 and self._on_readdir is not None:
             try:
                 self._on_readdir(node.path, node.kind)  # the walk-ahead policy decides
             except Exception:
                 log.warning("walk-ahead failed for %s", path, exc_info=True)
-        # mfusepy hands libfuse only st_mode and st_ino of each entry (no readdirplus): nothing more is built.
-        entries: list[tuple[str, dict[str, Any], int]] = [
-            (".", {"st_mode": self.dir_mode, "st_ino": node.ino}, 0), ("..", {"st_mode": self.dir_mode}, 0)]
+        return self._entries_from(node, children, offset, plus)
+
+    def _entries_from(self, node: Any, children: list[Any], offset: int,
+                      plus: bool) -> Iterator[readdirplus.Entry]:
         dir_mode, file_mode = self.dir_mode, self.file_mode
-        entries.extend((child.path.rsplit("/", 1)[-1],
-                        {"st_mode": file_mode if child.kind in FILE_KINDS else dir_mode, "st_ino": child.ino}, 0)
-                       for child in children)
-        return entries
+        if offset <= 0:
+            yield ".", {"st_mode": dir_mode, "st_ino": node.ino}, False  # libfuse never passes attributes of . or ..
+        if offset <= 1:
+            yield "..", {"st_mode": dir_mode}, False
+        for child in children[max(offset - 2, 0):]:
+            name = child.path.rsplit("/", 1)[-1]
+            if plus and child.kind != "meta":
+                try:
+                    attrs = self._attrs(child)
+                except Exception:  # never fail a listing for one entry: the kernel then looks it up
+                    log.exception("no attributes for %s in its listing", child.path)
+                else:
+                    yield name, attrs, True
+                    continue
+            yield name, {"st_mode": file_mode if child.kind in FILE_KINDS else dir_mode, "st_ino": child.ino}, False
 
     # ------------------------------------------------------------------ files
     @_guarded
@@ -383,6 +416,6 @@ def serve(operations: NbiaFS, mountpoint: str, *, kernel_timeout: float,
           negative_timeout: float = DEFAULT_NEGATIVE_TIMEOUT, allow_other: bool = False,
           debug: bool = False) -> None:
     """Mount and run the FUSE main loop in this process (multithreaded) until unmounted."""
-    fuse.FUSE(operations, mountpoint, raw_fi=True, foreground=True, nothreads=False, debug=debug,
+    readdirplus.fuse_class(fuse)(operations, mountpoint, raw_fi=True, foreground=True, nothreads=False, debug=debug,
               **mount_options(kernel_timeout, negative_timeout, allow_other=allow_other))
 

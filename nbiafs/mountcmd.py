@@ -295,7 +295,8 @@ def _start_control(mountpoint: str, layers: Any, operations: Any) -> Any:
     def stats(request: dict[str, Any]) -> dict[str, Any]:
         from .app import store_counters
 
-        return {"stats": store_counters(layers.store), "thread_states": operations.thread_states.counts()}
+        return {"stats": store_counters(layers.store), "thread_states": operations.thread_states.counts(),
+                "getattr_calls": operations.getattr_calls}
 
     return ControlServer(daemon.control_socket_path(mountpoint), {"refresh": refresh, "stats": stats,
                                                                   "ping": lambda request: {}})

@@ -36,6 +36,7 @@ NODES = {
     "/C/P": N("patient", "/C/P", 3, 1000.0),
     "/C/P/S": N("study", "/C/P/S", 4, 1000.0),
     SERIES: N("series", SERIES, 5, 1_100_000_000.25),
+    f"{SERIES}/.series.json": N("meta", f"{SERIES}/.series.json", 9, 1_100_000_000.25),
     **{f"{SERIES}/1-00{i}.dcm": N("instance", f"{SERIES}/1-00{i}.dcm", 10 + i, 1_100_000_000.25,
                                    size=1000 + i, series_uid="1.2.3", sop_uid=f"1.2.3.{i}")
        for i in (1, 2, 3)},
@@ -60,6 +61,9 @@ class FakeCatalog:
         self.lookup(path)
         return [n for p, n in NODES.items() if p != "/" and p.rsplit("/", 1)[0] == (path.rstrip("/"))
                 or (path == "/" and p.count("/") == 1 and p != "/")]
+
+    def children_of(self, node: N) -> list[N]:
+        return self.children(node.path)
 
     def series_files(self, node: N) -> tuple[N, ...]:
         return tuple(n for n in self.children(node.path.rsplit("/", 1)[0]) if n.kind == "instance")
@@ -142,10 +146,46 @@ def test_files_have_exact_size_stable_ino_and_nanosecond_mtime_from_the_catalog(
 def test_readdir_lists_children_with_their_attributes() -> None:
     ops, _, _ = make()
     entries = {name: attrs for name, attrs, _ in ops.readdir(SERIES, 0)}
-    assert set(entries) == {".", "..", "1-001.dcm", "1-002.dcm", "1-003.dcm"}
+    assert set(entries) == {".", "..", ".series.json", "1-001.dcm", "1-002.dcm", "1-003.dcm"}
     # mfusepy passes libfuse only st_mode and st_ino of an entry: nothing else is built
     assert entries["1-003.dcm"] == {"st_mode": stat.S_IFREG | 0o444, "st_ino": 13}
     assert stat.S_ISDIR(entries["."]["st_mode"])
+
+
+def test_readdirplus_entries_carry_the_attributes_of_instances_and_folders_not_of_metadata_files() -> None:
+    """What the kernel keeps from a READDIRPLUS must be what a stat would answer; a metadata file's size
+    is made from its content (and stats.json changes), so it is left to the kernel's own lookup."""
+    ops, _, _ = make(meta=SimpleNamespace(size=lambda node: pytest.fail("a listing made a metadata file")))
+    entries = {name: (attrs, full) for name, attrs, full in ops.readdir_entries(SERIES, 0, True)}
+    assert list(entries) == [".", "..", ".series.json", "1-001.dcm", "1-002.dcm", "1-003.dcm"]
+    for name in ("1-001.dcm", "1-002.dcm", "1-003.dcm"):
+        assert entries[name] == (ops.getattr(f"{SERIES}/{name}"), True)
+    assert entries[".series.json"] == ({"st_mode": stat.S_IFREG | 0o444, "st_ino": 9}, False)
+    assert not entries["."][1] and not entries[".."][1]
+    folders = {name: (attrs, full) for name, attrs, full in ops.readdir_entries("/C/P", 0, True)}
+    assert folders["S"] == (ops.getattr("/C/P/S"), True)
+    plain = list(ops.readdir_entries(SERIES, 0, False))  # a READDIR: modes and inodes only
+    assert [(name, full) for name, _, full in plain] == [(name, False) for name in entries]
+    assert plain[3][1] == {"st_mode": stat.S_IFREG | 0o444, "st_ino": 11}
+
+
+def test_readdir_entries_resume_at_the_offset_the_kernel_gives_back() -> None:
+    """Entry i carries offset i + 1 (mfusepy's readdir override): a listing asked from offset k starts
+    with entry k, so chunks neither repeat nor skip entries; only the first chunk starts the walk-ahead."""
+    walked: list[str] = []
+    ops, _, _ = make(on_readdir=lambda path, kind: walked.append(path))
+    names = [name for name, _, _ in ops.readdir_entries(SERIES, 0, True)]
+    assert walked == [SERIES]
+    for offset in range(1, len(names) + 1):
+        assert [name for name, _, _ in ops.readdir_entries(SERIES, offset, True)] == names[offset:]
+    assert walked == [SERIES]
+
+
+def test_a_listing_that_fails_is_the_error_of_the_request_never_an_empty_folder() -> None:
+    ops, _, _ = make(catalog=FakeCatalog(errors={SERIES: ServerError("503 from the server")}))
+    with pytest.raises(mfusepy.FuseOSError) as e:
+        ops.readdir_entries(SERIES, 0, True)  # raised at the call, before any entry is handed on
+    assert errno_of(e) == errno.EIO
 
 
 def test_readdir_of_a_file_is_enotdir() -> None:
