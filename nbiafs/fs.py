@@ -48,10 +48,12 @@ log = logging.getLogger(__name__)
 #: mfusepy bound to libfuse3 (importing this module without libfuse3 raises FuseUnavailableError).
 fuse: Any = fuselib.load()
 
-#: Preferred I/O size reported in st_blksize. Instances are 0.1-1 MB and always served whole from the
-#: cache file, so readers that size their buffers from st_blksize (cp, dd, Python's open()) read a
-#: typical instance in one or two requests instead of 32 4-KiB ones.
-DEFAULT_BLKSIZE = 1 << 20
+#: Preferred I/O size reported in st_blksize: what readers size their buffers from (cp, cat, Python's
+#: open()). 128 KiB, the buffer coreutils uses for a local file. Not more: how much the kernel asks of
+#: the mount per request is its read-ahead's business (see :mod:`nbiafs.kernelreadahead`), whatever the
+#: reader's buffer; a buffer of 1 MiB made cp and cat map and fault in a fresh 1 MiB for every file,
+#: and a warm `cat` of a series took twice as long (docs/performance.md).
+DEFAULT_BLKSIZE = 1 << 17
 
 #: How long the kernel remembers that a name does not exist. Listings are immutable too, but a
 #: negative answer can come from a transient state (offline, a restricted collection before login),
