@@ -47,12 +47,12 @@ class FileHandle:
             self._users += 1
         try:
             chunks: list[bytes] = []
-            while size > 0:
-                chunk = os.pread(self._fd, size, offset)
+            end = min(offset + size, self._size)  # complete and immutable: no read past its end
+            while offset < end:
+                chunk = os.pread(self._fd, end - offset, offset)
                 if not chunk:
                     break
                 chunks.append(chunk)
-                size -= len(chunk)
                 offset += len(chunk)
             return b"".join(chunks)
         finally:
