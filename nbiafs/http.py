@@ -259,6 +259,14 @@ class Transport:
                  rng: random.Random | None = None,
                  max_connections: int | None = None) -> None:
         self.session = session
+        # What requests reads from the environment at every request when trust_env (the proxy variables,
+        # REQUESTS_CA_BUNDLE, ~/.netrc) is read once per server instead (:meth:`_environment`): a scan of
+        # os.environ and a look for ~/.netrc cost more per getSingleImage than its own headers. ~/.netrc is
+        # no longer asked: its Basic credentials would replace the bearer token of a call that has one.
+        self._from_environment = session.trust_env
+        session.trust_env = False
+        self._environments: dict[str, dict[str, Any]] = {}
+        self._environments_lock = threading.Lock()
         self.max_connections = max_connections
         self._gate = threading.BoundedSemaphore(max_connections) if max_connections else None
         self.policy = policy
@@ -267,6 +275,27 @@ class Transport:
         self.closed = closed if closed is not None else threading.Event()
         self._rng = rng if rng is not None else random.Random()
         self._rng_lock = threading.Lock()
+
+    def _environment(self, url: str) -> dict[str, Any]:
+        """``proxies``, ``verify`` and ``cert`` for requests to ``url``'s server, from the environment as
+        requests itself would read them (NO_PROXY included), once per scheme and host."""
+        parts = urllib3.util.parse_url(url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        with self._environments_lock:
+            known = self._environments.get(origin)
+        if known is not None:
+            return known
+        settings: dict[str, Any] = {"proxies": {}, "verify": None, "cert": None}
+        if self._from_environment:
+            self.session.trust_env = True  # only merge_environment_settings reads it; no request is sent here
+            try:
+                merged = self.session.merge_environment_settings(url, {}, None, None, None)
+            finally:
+                self.session.trust_env = False
+            settings = {key: merged.get(key) for key in settings}
+            settings["proxies"] = dict(merged.get("proxies") or {})
+        with self._environments_lock:
+            return self._environments.setdefault(origin, settings)
 
     def _jittered(self, attempt: int) -> float:
         with self._rng_lock:
@@ -328,7 +357,7 @@ class Transport:
             failure: NbiaError
             try:
                 response = self.session.request(method, url, params=params, data=data, headers=headers,
-                                                timeout=timeout, stream=True)
+                                                timeout=timeout, stream=True, **self._environment(url))
                 if not stream:
                     read_body_before(response, deadline, self.closed)
                     gated = self._ungate(gated)

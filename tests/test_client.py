@@ -691,3 +691,31 @@ def test_emulator_expired_token_hidden_behind_empty_answer_is_renewed(make_emula
         assert client.tokens.renewals == 2
     finally:
         client.close()
+
+
+# -- what the environment says about reaching the server --------------------------------------------
+def test_proxy_and_ca_bundle_come_from_the_environment_and_netrc_never_replaces_the_bearer(
+        rsps, tokens, monkeypatch, tmp_path):
+    """requests read the environment (and ~/.netrc) at every request; the transport reads it once per
+    server. Proxies, NO_PROXY and REQUESTS_CA_BUNDLE keep working; the Basic credentials of a ~/.netrc
+    entry for the server would have replaced the bearer token of the call."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".netrc").write_text("machine 127.0.0.1 login someone password netrc-secret\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "ca.pem"))
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    rsps.get(f"{V2}/getCollectionValues", json=[{"Collection": "4D-Lung"}])
+    client = make_client(tokens)
+    client.collections()
+    client.collections()
+    calls = calls_to(rsps, "getCollectionValues")
+    assert [auth_of(c) for c in calls] == ["Bearer tok1"] * 2
+    for call in calls:
+        assert call.request.req_kwargs["proxies"].get("http") == "http://proxy.example:3128"
+        assert call.request.req_kwargs["verify"] == str(tmp_path / "ca.pem")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # read per server: a new client sees the new setting
+    other = make_client(tokens)
+    other.collections()
+    assert calls_to(rsps, "getCollectionValues")[-1].request.req_kwargs["proxies"].get("http") is None
