@@ -33,6 +33,7 @@ from typing import Any
 
 import pydicom
 
+from .. import dicomhead
 from ..errors import NbiaError
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,9 @@ class _MemberStream:
 
 
 def _sop_uid_of(head: bytes) -> str | None:
+    uid = dicomhead.sop_instance_uid(head)  # a few microseconds; pydicom only for what it cannot walk
+    if uid is not None:
+        return uid
     try:
         ds = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True, specific_tags=["SOPInstanceUID"],
                              force=True)
