@@ -853,6 +853,21 @@ def test_the_index_scan_learns_what_another_process_wrote(tmp_path, client, make
     assert index.scan() == 1 and index.total == 5000
 
 
+def test_cache_paths_are_remembered_within_their_bound_and_stay_what_the_uids_make(tmp_path, monkeypatch):
+    from nbiafs.store import index as index_mod
+
+    monkeypatch.setattr(index_mod, "PATHS_KEPT", 8)
+    index = CacheIndex(tmp_path, "http://emu|nbia_guest", 10**9)
+    hostile = "../../etc/passwd"
+    for i in range(20):
+        path = index.path_for("1.2.3", f"1.2.3.{i}")
+        assert path == os.path.join(index.dir, "1.2.3", f"1.2.3.{i}.dcm")
+        assert index.path_for("1.2.3", f"1.2.3.{i}") is path
+        assert len(index._paths) <= 8
+    outside = index.path_for(hostile, hostile)
+    assert os.path.dirname(os.path.dirname(outside)) == str(index.dir) and ".." not in outside
+
+
 # ---------------------------------------------------------------------------------- from series to series
 def three_series() -> tuple[FakeNbiaClient, list[tuple[Node, ...]]]:
     """Three series of 40 instances in one study (a study read folder after folder)."""
