@@ -118,7 +118,7 @@ def build_layers(settings: Settings, password: str = "") -> Layers:
     files = None
     if settings.metadata_files:
         files = MetaFiles(catalog, client, meta, stats=lambda: store_counters(store),
-                          md5_of=store.md5_of, datacite_url=settings.datacite_url or None)
+                          md5_of=store.md5_of, md5s_of=store.md5s_of, datacite_url=settings.datacite_url or None)
     return Layers(settings, tokens, client, meta, catalog, store, walker, files)
 
 

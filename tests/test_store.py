@@ -3,6 +3,7 @@ instance, streaming, integrity, crashes, full disks, read-ahead under a budget, 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -851,6 +852,19 @@ def test_the_index_scan_learns_what_another_process_wrote(tmp_path, client, make
     read_all(writer, node(5))
     index = CacheIndex(tmp_path, "http://emu|nbia_guest", 10**9)
     assert index.scan() == 1 and index.total == 5000
+
+
+def test_md5s_of_a_series_are_md5_of_each_and_a_series_never_cached_is_one_look_at_the_disk(make_store,
+                                                                                             monkeypatch):
+    store = make_store()
+    nodes = [node(i) for i in range(6)]
+    assert store.ensure(nodes[:3]).ok  # checked against the server: their md5s are known
+    assert store.md5s_of(nodes) == [store.md5_of(n) for n in nodes]
+    assert all(store.md5s_of(nodes[:3])) and store.md5s_of(nodes[3:]) == [None] * 3
+    other = [dataclasses.replace(n, series_uid="1.2.826.0.1.3680043.9.7.1.9", sop_uid=f"1.2.9.{i}")
+             for i, n in enumerate(nodes)]
+    monkeypatch.setattr(store._index, "lookup", lambda path: pytest.fail(f"looked for {path}"))
+    assert store.md5s_of(other) == [None] * 6  # its folder does not exist: no file of it was asked for
 
 
 def test_cache_paths_are_remembered_within_their_bound_and_stay_what_the_uids_make(tmp_path, monkeypatch):
