@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import functools
 import io
 import json
 import logging
@@ -158,13 +159,19 @@ def datetime_or_none(value: Any) -> dt.datetime | None:
     if not isinstance(value, str):
         log.debug("bad date %r", value)
         return None
-    text = value.strip()
+    return _text_date(value.strip())
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_date(text: str) -> dt.datetime | None:
+    """A date string of one of the API's formats (a listing repeats the same few dates in every
+    record: strptime was a tenth of the mount's Python time in a cold walk). datetimes are immutable."""
     for fmt, _has_time in _DATE_FORMATS:
         try:
             return dt.datetime.strptime(text, fmt)
         except ValueError:
             continue
-    log.debug("unreadable date %r", value)
+    log.debug("unreadable date %r", text)
     return None
 
 
