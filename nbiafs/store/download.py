@@ -115,6 +115,7 @@ class Download:
                             self.available = written
                             if self._wake_at is not None and written >= self._wake_at:
                                 self._cond.notify_all()
+                                self._wake_at = self._next_wake()  # the woken ones are not woken again
                     if self.on_chunk is not None:
                         self.on_chunk(self, len(chunk))
             finally:
@@ -252,7 +253,11 @@ class Download:
             self._waits[end] = count
         else:
             self._waits.pop(end, None)
-        self._wake_at = min(self._waits) if self._waits else None
+        self._wake_at = self._next_wake()
+
+    def _next_wake(self) -> int | None:
+        """The least byte count waited for that is not in yet (under the lock)."""
+        return min((end for end in self._waits if end > self.available), default=None)
 
     def read(self, size: int, offset: int, stall: float) -> bytes:
         """Bytes ``[offset, offset+size)``, waiting for them if they are still arriving."""
