@@ -103,7 +103,8 @@ class MetaFiles:
         self._meta = meta
         self._stats = stats
         self._md5_of = md5_of
-        self._md5s_of = md5s_of  # the same for a series' files at once (cheaper where none is cached)
+        # the same for a series' files at once (cheaper where none of them is cached)
+        self._md5s_of = md5s_of or (lambda nodes: [md5_of(n) if md5_of is not None else None for n in nodes])
         self._datacite_url = datacite_url
         self._lock = threading.Lock()
         self._handles: dict[int, bytes] = {}
@@ -204,12 +205,8 @@ class MetaFiles:
         if series_node is None or series_node.kind != "series":
             raise NbiaError("a .series.json without its series")
         files = [n for n in self._catalog.children_of(series_node) if n.kind == "instance"]
-        if self._md5s_of is not None:
-            digests = self._md5s_of(files)
-        else:
-            digests = [self._md5_of(n) if self._md5_of is not None else None for n in files]
         instances = []
-        for n, digest in zip(files, digests):
+        for n, digest in zip(files, self._md5s_of(files)):
             entry = {"file": n.path.rsplit("/", 1)[-1], "sop_instance_uid": n.sop_uid,
                      "instance_number": n.instance_number, "size": n.size}
             if digest:
