@@ -3,8 +3,11 @@ public API, and the archive's true bytes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+import signal
+import subprocess
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,28 @@ ListOfSeriesToDownload=
 """
 #: Small series with hostile names (Edge-Cases) and plain ones (Demo-Head-MR).
 CART_COLLECTIONS = ("Demo-Head-MR", "Edge-Cases")
+
+
+def interruptible(argv: list[str], **kwargs: Any) -> subprocess.Popen[str]:
+    """A child to send Ctrl-C (SIGINT) to. A test run started as a background job of a non-interactive
+    shell ignores SIGINT, and children inherit that: the child then never sees the Ctrl-C this test
+    sends. So the child starts with SIGINT's default (Python then raises KeyboardInterrupt in it)."""
+    with _sigint_default():
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                text=True, **kwargs)
+
+
+@contextlib.contextmanager
+def _sigint_default() -> Iterator[None]:
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.SIG_IGN:  # a handler of this process is reset at exec: nothing to do
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def write_manifest(path: Path, uids: Iterable[str]) -> Path:

@@ -13,7 +13,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from cmdlib import cache_view, cached, cart, files_under, instances, part_files, ref, true_bytes, write_manifest
+from cmdlib import (
+    cache_view,
+    cached,
+    cart,
+    files_under,
+    instances,
+    interruptible,
+    part_files,
+    ref,
+    true_bytes,
+    write_manifest,
+)
 from conftest import REPO, TEST_ENV, nbiafs_cli, visible_walk, wait_until
 
 from nbiafs import cli, downloadcmd
@@ -157,9 +168,8 @@ def test_ctrl_c_leaves_only_complete_files_and_a_rerun_resumes(make_emulator, ar
 
     emu.inject_fault("getSingleImage", delay=120, count=1000)
     emu.reset_stats()
-    proc = subprocess.Popen([sys.executable, "-m", "nbiafs", "download", "--manifest", str(whole), *server, str(dest)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                            env={**os.environ, **TEST_ENV}, cwd=REPO)
+    proc = interruptible([sys.executable, "-m", "nbiafs", "download", "--manifest", str(whole), *server, str(dest)],
+                         env={**os.environ, **TEST_ENV}, cwd=REPO)
     try:
         assert wait_until(lambda: emu.stats()["getSingleImage"] >= 2, 60), "the download never started fetching"
         proc.send_signal(signal.SIGINT)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cmdlib import cached, cart, instances, part_files, true_bytes, write_manifest
+from cmdlib import cached, cart, instances, interruptible, part_files, true_bytes, write_manifest
 from conftest import REPO, TEST_ENV, nbiafs_cli, visible_walk, wait_until
 
 from nbiafs.progress import Progress
@@ -254,9 +254,8 @@ def test_ctrl_c_stops_at_once_keeps_nothing_half_written_and_a_rerun_fetches_onl
 
     emu.inject_fault("getSingleImage", delay=120, count=1000)  # every transfer hangs
     emu.reset_stats()
-    proc = subprocess.Popen([sys.executable, "-m", "nbiafs", "prefetch", "--manifest", str(whole), *server],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                            env={**os.environ, **TEST_ENV}, cwd=REPO)
+    proc = interruptible([sys.executable, "-m", "nbiafs", "prefetch", "--manifest", str(whole), *server],
+                         env={**os.environ, **TEST_ENV}, cwd=REPO)
     try:
         assert wait_until(lambda: emu.stats()["getSingleImage"] >= 2, 60), "the prefetch never started fetching"
         proc.send_signal(signal.SIGINT)
