@@ -320,7 +320,8 @@ class NbiaFS(fuse.Operations):
             return 0
         if node.kind != "instance":
             raise IsDirectoryError(path)
-        fi.fh = self.store.open(node)
+        # the read-ahead policy hears of the open once the file is claimed, before its first bytes
+        fi.fh = self.store.open(node, (lambda: self._prefetch_series_of(node)) if self.prefetch_enabled else None)
         if self.store.size(fi.fh) != node.size:
             # The true file differs from the size the metadata said (the store told the catalog): let
             # every read through whatever size the kernel cached, and make the kernel forget that size.
@@ -328,8 +329,6 @@ class NbiaFS(fuse.Operations):
             self._invalidate_soon(path)
         else:
             fi.keep_cache = 1  # files never change: keep the kernel page cache across opens
-        if self.prefetch_enabled:
-            self._prefetch_series_of(node)
         return 0
 
     def _prefetch_series_of(self, node: Any) -> None:

@@ -38,7 +38,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
@@ -290,14 +290,14 @@ class NbiaFileSystem(AbstractFileSystem):
         name, node = self._instance(path)
         store = self._layers().store
         with _mapped(name):
-            handle = store.open(node)
+            # an open as the mount sees one: the prefetch policy hears of it once the file is claimed
+            handle = store.open(node, lambda: self.opened(node))
             try:
                 size = store.size(handle)
                 begin, stop, _ = slice(start, end).indices(size)
                 data = store.read(handle, stop - begin, begin) if stop > begin else b""
             finally:
                 store.release(handle)
-        self.opened(node)  # an open as the mount sees one: the prefetch policy hears of it
         return bytes(data)
 
     def opened(self, node: Node) -> None:
@@ -335,7 +335,7 @@ class NbiaFile(AbstractBufferedFile):
         self._handle_pid = 0
         self._handle_lock = threading.Lock()
         with _mapped(path):
-            store, handle = self._open_handle(fs)
+            store, handle = self._open_handle(fs, lambda: fs.opened(node))
         try:
             with _mapped(path):
                 size = store.size(handle)
@@ -343,11 +343,12 @@ class NbiaFile(AbstractBufferedFile):
         except BaseException:
             self._release_quietly(store, handle)
             raise
-        fs.opened(node)
 
-    def _open_handle(self, fs: NbiaFileSystem) -> tuple[Any, int]:
+    def _open_handle(self, fs: NbiaFileSystem, then: Callable[[], None] | None = None) -> tuple[Any, int]:
+        """A store handle of this file (``then``: the prefetch policy's hearing of the open, see
+        :meth:`InstanceStore.open`)."""
         store = fs._layers().store
-        handle = store.open(self.node)
+        handle = store.open(self.node, then)
         self._store, self._handle, self._handle_pid = store, handle, os.getpid()
         return store, handle
 

@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -80,12 +81,14 @@ class FakeStore:
 
     sizes: dict[int, int] = field(default_factory=dict)
 
-    def open(self, node: N) -> int:
+    def open(self, node: N, then: Callable[[], None] | None = None) -> int:
         if self.open_error:
             raise self.open_error
         self.opened.append(node.path)
         handle = 40 + len(self.opened)
         self.sizes[handle] = node.size
+        if then is not None:
+            then()
         return handle
 
     def size(self, handle: int) -> int:

@@ -238,6 +238,23 @@ def test_open_returns_with_the_first_bytes_and_a_read_waits_only_for_its_offset(
     assert read_all(store, n) == body(client, n) and fetches(client, n) == 1
 
 
+def test_an_open_plans_its_read_ahead_once_claimed_not_after_its_first_bytes(make_store, client):
+    store = make_store()
+    n = node(20)
+    release = client.hold_body(n.sop_uid, after=0)
+    planned = threading.Event()
+    t, out = in_thread(store.open, n, planned.set)
+    assert planned.wait(WAIT)  # the policy heard of the open (its zip and window go out now) ...
+    assert t.is_alive()  # ... while the open still waits for the file's first bytes
+    release.set()
+    t.join(WAIT)
+    store.release(out["value"])
+    assert store.wait_fetched(WAIT, n)
+    cached = threading.Event()
+    store.release(store.open(n, cached.set))  # a cached file: at once
+    assert cached.is_set() and fetches(client, n) == 1
+
+
 def test_a_transfer_that_stalls_fails_the_read_and_leaves_nothing_in_the_cache(make_store, client):
     store = make_store()
     n = sized(client, 13, 1_000_000)

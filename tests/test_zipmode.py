@@ -91,6 +91,54 @@ def test_a_held_series_keeps_its_queue_until_let_go_and_counts_as_idle() -> None
         pool.stop()
 
 
+def test_a_series_whose_next_item_is_left_to_its_zip_waits_while_others_go_then_goes_when_woken() -> None:
+    fetched: list[str] = []
+    lock = threading.Lock()
+    other_done, all_done = threading.Event(), threading.Event()
+    left = {"s2"}
+
+    def fetch(item: Item) -> bool:
+        with lock:
+            fetched.append(str(item.key))
+            if "t0" in fetched:
+                other_done.set()
+            if len(fetched) == 4:
+                all_done.set()
+        return False
+
+    pool = Prefetcher(fetch, workers=2, budget=Budget(1 << 30, 1 << 30),
+                      leave=lambda series, item: str(item.key) in left)
+    pool.start()
+    try:
+        assert pool.want("t", [Item("t0", 10, None)]) == 1
+        # from the end, as beside a zip: s2 comes first, and while it is left nothing of s starts
+        assert pool.want("s", [Item(f"s{i}", 10, None) for i in range(3)], from_end=True) == 3
+        assert other_done.wait(5.0)  # the older series goes meanwhile
+        assert pool.idle(5.0)  # what is left to the zip counts as waiting, like a hold
+        assert fetched == ["t0"]
+        left.clear()  # the zip ended (or stalls): the store wakes the workers
+        pool.wake()
+        assert all_done.wait(5.0)
+        assert sorted(fetched) == ["s0", "s1", "s2", "t0"]
+    finally:
+        pool.stop()
+
+
+def test_a_failing_leave_never_stops_a_worker() -> None:
+    done = threading.Event()
+
+    def leave(series: object, item: Item) -> bool:
+        raise RuntimeError("broken estimate")
+
+    pool = Prefetcher(lambda item: done.set() or False, workers=1, budget=Budget(1 << 30, 1 << 30), leave=leave)
+    pool.start()
+    try:
+        pool.want("s", [Item("f0", 10, None)])
+        assert done.wait(5.0)
+    finally:
+        pool.stop()
+
+
 def test_mixed_is_timed_once_the_singles_all_run_not_while_the_zip_still_has_the_link() -> None:
     trial = Trial(span=0.099, mixed_span=0.099, min_bytes=0, settle_sources=3)
     trial.add(0.0, 1, via_zip=True)

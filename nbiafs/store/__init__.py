@@ -35,7 +35,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +92,10 @@ READERS = 10_000
 ZIPS = 2
 #: An open of a file a running zip is about to bring waits this long for it at most, then fetches it alone.
 ZIP_WAIT = 2.0
+#: Weight of the newest getSingleImage in the moving average of their durations (the zip's meeting point).
+SINGLE_EWMA = 0.3
+#: ... kept for at most this many series.
+SINGLE_SERIES = 1024
 #: A trial's verdict holds for the zips that start within this many seconds after it (the network
 #: seldom changes between two series of one reading); later zips are measured again.
 VERDICT_TTL = 300.0
@@ -241,7 +245,11 @@ class InstanceStore:
         self._trial_lock = threading.Lock()
         self._zip_bytes = int(size_limit * read_ahead_share)
         self._prefetcher = Prefetcher(self._fetch_ahead, workers=0 if offline else workers,
-                                      budget=Budget(in_flight_limit, int(size_limit * read_ahead_share)))
+                                      budget=Budget(in_flight_limit, int(size_limit * read_ahead_share)),
+                                      leave=self._zip_brings_sooner)
+        # series -> how long its getSingleImage fetches take lately (a moving average; a series' files
+        # are alike, another series' may be 400 times bigger). Single values written whole: no lock.
+        self._single_seconds: dict[str, float] = {}
         self._stop = threading.Event()
         self._background: threading.Thread | None = None
         self._warned_memory = False
@@ -294,8 +302,13 @@ class InstanceStore:
             self._index.flush_touches()
 
     # ----------------------------------------------------------------- file operations
-    def open(self, node: InstanceRef) -> int:
-        """A handle over the bytes of ``node``: from the cache, else fetched (once, however many ask)."""
+    def open(self, node: InstanceRef, then: Callable[[], None] | None = None) -> int:
+        """A handle over the bytes of ``node``: from the cache, else fetched (once, however many ask).
+
+        ``then`` (the read-ahead policy's :meth:`on_open`, which must not raise) runs once ``node`` is
+        claimed: at once for a cached file, else as soon as its fetch is started or joined, before the
+        open waits for its first bytes. Read-ahead planned there (a zip, the window's singles) goes out
+        beside that fetch instead of one round trip after it."""
         self._check_open()
         series_uid, sop_uid = _ids(node)
         path = self._index.path_for(series_uid, sop_uid)
@@ -303,14 +316,17 @@ class InstanceStore:
         if cached is not None:
             self._counters.add("hits")
             self._prefetcher.opened(path)
-            return self._handles.add(cached)
+            handle_id = self._handles.add(cached)
+            if then is not None:
+                then()
+            return handle_id
         if self._offline:
             self._counters.add("misses")
             raise OfflineError(f"{sop_uid} is not in the cache (offline mode)")
         self._await_zip(path, series_uid, sop_uid)
         joined = self._join_or_start(path, node, reader=True)
         if joined is None:  # completed by another thread a moment ago
-            return self.open(node)
+            return self.open(node, then)
         download, leader = joined
         self._counters.add("misses")
         if leader:
@@ -319,6 +335,8 @@ class InstanceStore:
             self._counters.add("joined")
         handle = DownloadHandle(download, self._stall)
         try:
+            if then is not None:
+                then()
             download.wait_started(self._wait_timeout)
             length = download.length
             download.wait_for(min(FIRST_BYTES, length) if length is not None else 1, self._stall)
@@ -499,7 +517,19 @@ class InstanceStore:
                 if self._zips.get(zf.series_uid) is zf:
                     del self._zips[zf.series_uid]
                 self._settled.notify_all()  # openers waiting for it to bring their file
+            self._prefetcher.wake()  # what was left to it is the singles' again
             log.debug("zip of series %s: %d files written, %d went by", zf.series_uid, zf.delivered, zf.skipped)
+
+    def _zip_brings_sooner(self, series_uid: Hashable, item: Item) -> bool:
+        """Whether the series' running zip brings ``item`` sooner than a single would (the prefetcher
+        then leaves it to the zip): near where the two meet, a single started for a file a few members
+        ahead of the zip makes the reader wait a round trip for what the zip had ready."""
+        zf = self._zips.get(str(series_uid))
+        single = self._single_seconds.get(str(series_uid))
+        if zf is None or single is None:
+            return False
+        position = zf.position_of(str(getattr(item.ref, "sop_uid", "")))
+        return position is not None and zf.brings_within(position, single, time.monotonic())
 
     def _on_chunk(self, download: Download, nbytes: int) -> None:
         """Bytes of ``download`` arrived (in its thread): the trial of its series' zip counts them. A
@@ -554,6 +584,7 @@ class InstanceStore:
             if trial is not None:
                 trial.abandon()
             self._prefetcher.hold(series_uid, False)
+        self._prefetcher.wake()  # what was left to the zip is the singles' again
 
     def _claimed(self, node: InstanceRef) -> bool:
         """Whether ``node`` is cached or being fetched (the zip lets its member go by)."""
@@ -658,9 +689,16 @@ class InstanceStore:
         assert client is not None
         if body is None:
             self._counters.add("fetches")
+        started = time.monotonic()
         try:
             download.run(body or (lambda: client.open_single_image(download.series_uid, download.sop_uid)))
             self._record(path, download)
+            if body is None and download.error is None:
+                took, times = time.monotonic() - started, self._single_seconds
+                last = times.get(download.series_uid)
+                if last is None and len(times) >= SINGLE_SERIES:
+                    times.clear()  # (rare: a bound, not an LRU)
+                times[download.series_uid] = took if last is None else last + SINGLE_EWMA * (took - last)
         finally:
             with self._lock:
                 if self._downloads.get(path) is download:

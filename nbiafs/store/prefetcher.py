@@ -10,7 +10,8 @@ Parts and their back-pressure:
   fetched ahead but not opened yet stay within their bounds; otherwise it waits for a fetch to end or a
   fetched-ahead file to be opened;
 * holds: a series whose zip is running alone (:mod:`.zipmode`) keeps its queue, but no worker starts
-  from it until it is let go;
+  from it until it is let go; and ``leave``: a series whose next item another way brings sooner (its
+  zip, near where zip and singles meet) is passed over the same way, for as long as that holds;
 * ``workers`` threads (started in :meth:`Prefetcher.start`, after the mount daemonized), each running
   ``fetch(item)`` (the store's single-flight fetch, shared with opens); a fetch's failure is logged and
   counted, never raised: the reader's own open asks again and gets the error.
@@ -47,8 +48,13 @@ class Prefetcher:
     """Fetches queued items ahead of readers (see the module docstring). Thread-safe."""
 
     def __init__(self, fetch: Callable[[Item], bool], *, workers: int, budget: Budget,
-                 stale_after: float = STALE_AFTER, clock: Callable[[], float] = time.monotonic) -> None:
+                 stale_after: float = STALE_AFTER, clock: Callable[[], float] = time.monotonic,
+                 leave: Callable[[Hashable, Item], bool] | None = None) -> None:
+        """``leave(series, item)``: whether ``item``, next in its series' queue, is better left to another
+        way of fetching for now (asked with the lock held: it must not call back into the prefetcher;
+        call :meth:`wake` when its answer may have turned)."""
         self._fetch = fetch
+        self._leave = leave
         self._workers = max(0, workers)
         self.budget = budget
         self._stale_after = stale_after
@@ -105,7 +111,7 @@ class Prefetcher:
         held = False
         for series in reversed(self._series):
             queue = self._series[series]
-            if queue and series in self._held:
+            if queue and (series in self._held or self._left(series, queue[0])):
                 held = True
             elif queue:
                 return not self.budget.may_start(queue[0].size)
@@ -155,6 +161,21 @@ class Prefetcher:
                 self._held.discard(series)
                 self._cond.notify_all()
 
+    def wake(self) -> None:
+        """Something a worker waits for may have changed (a zip ended): they look again."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def _left(self, series: Hashable, item: Item) -> bool:
+        """``leave``, where a failure of it never stops a worker (lock held)."""
+        if self._leave is None:
+            return False
+        try:
+            return self._leave(series, item)
+        except Exception:  # an optimisation: the item is fetched as if it had said no
+            log.warning("could not tell whether %s is better fetched another way", item.key, exc_info=True)
+            return False
+
     def opened(self, key: Hashable) -> None:
         """A file was opened: if it was fetched ahead, its bytes no longer count as ahead."""
         with self._cond:
@@ -169,6 +190,8 @@ class Prefetcher:
             if key not in self._ahead:
                 self._ahead[key] = size
                 self.budget.unread += size
+            if key in self._queued:  # a worker that left it to the zip drops it from the queue
+                self._cond.notify_all()
 
     def forget(self, key: Hashable) -> None:
         """A file fetched ahead left the cache (evicted, dropped): it is no longer ahead."""
@@ -187,6 +210,8 @@ class Prefetcher:
             if not queue or series in self._held:
                 continue
             item = queue[0]
+            if self._left(series, item):
+                continue
             if not self.budget.may_start(item.size):
                 return None  # over budget: wait for a fetch to end or a file to be opened
             queue.popleft()

@@ -5,8 +5,11 @@ carries them all on one connection, compressed (CT compresses about 2:1: on a li
 bottleneck, half the bytes), with no round trip per file. Singles on the other connections fetch the
 read-ahead window from its far end backwards at the same time (unless the zip was measured faster
 alone, :mod:`.zipmode`), and the two meet in the middle: a member already claimed goes by unwritten,
-and the zip stops once every file after it is claimed. An opener of a file the zip is about to bring
-waits for it (:meth:`ZipFetch.about_to`) rather than fetching it a second time. The
+and the zip stops once every file after it is claimed. Near that meeting point a single started for a
+file the zip brings sooner, at its pace, would make the reader wait a round trip for what the zip had
+ready: the store asks :meth:`ZipFetch.brings_within` and leaves such files to the zip. An opener of a
+file the zip is about to bring waits for it (:meth:`ZipFetch.about_to`) rather than fetching it a
+second time. The
 store starts a zip only for a reader that walks a series from near its start (resending what is
 cached would waste the link), never for random access or a header scan (see :mod:`.readahead`).
 
@@ -24,10 +27,12 @@ Every member is CRC-checked by the unzip; its length is checked against the meta
 
 from __future__ import annotations
 
+import collections
 import csv
 import io
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -44,6 +49,11 @@ HEADER_BYTES = 64 * 1024
 SOON = 3
 #: A zip that cannot go on (the reader stopped) gives up after this long.
 IDLE_AFTER = 30.0
+#: The zip's pace is taken from its last PACE_MEMBERS members, when they came in reading order ...
+PACE_MEMBERS = 6
+#: ... and holds while the next member is no later than this many paces (plus PACE_SLACK seconds).
+PACE_LATE = 2.0
+PACE_SLACK = 0.05
 
 
 class _MemberStream:
@@ -86,7 +96,7 @@ class ZipFetch:
 
     def __init__(self, *, series_uid: str, files: Sequence[Any], open_zip: Callable[[], Any],
                  skip: Callable[[Any], bool], deliver: Callable[[Any, _MemberStream], bool | None],
-                 record_md5: Callable[[Any, str], None]) -> None:
+                 record_md5: Callable[[Any, str], None], clock: Callable[[], float] = time.monotonic) -> None:
         """``files``: the series' instances in the zip's order (InstanceNumber); ``skip(node)``: whether
         ``node`` is cached or being fetched already; ``deliver(node, stream)`` fetches ``node`` from the
         member ``stream`` through the store (None when it was claimed meanwhile, else whether it
@@ -107,6 +117,9 @@ class ZipFetch:
         self._stopped = False
         self._waiting = False  # at the end of the window, waiting for the reader
         self._distrusted = False  # an opener waited for it in vain: openers fetch their files alone
+        # (when, reading-order position) of the last members: the zip's pace (brings_within)
+        self._paces: collections.deque[tuple[float, int]] = collections.deque(maxlen=PACE_MEMBERS)
+        self._clock = clock
         self._written: dict[str, Any] = {}  # member name -> node, for the md5 list at the end
         self.delivered = 0
         self.skipped = 0
@@ -134,6 +147,25 @@ class ZipFetch:
             if self._stopped or self._distrusted or self.done.is_set():
                 return False
             return self._last_seen <= position <= self._last_seen + SOON
+
+    def brings_within(self, position: int, seconds: float, now: float) -> bool:
+        """Whether the zip, at the pace of its last members, brings reading-order ``position`` within
+        ``seconds`` from ``now``. False whenever that is not known: too few members yet, members that
+        did not come in reading order (``--layout uid``), a zip late for its next member, one that
+        waits at the end of its window, stopped, ended or is distrusted, or a position it may not
+        bring yet."""
+        with self._cond:
+            if (self._stopped or self._distrusted or self._waiting or self.done.is_set()
+                    or position >= self._limit or len(self._paces) < PACE_MEMBERS):
+                return False
+            paces = list(self._paces)
+        if any(b[1] != a[1] + 1 for a, b in zip(paces, paces[1:])):
+            return False
+        (first_at, _), (last_at, last) = paces[0], paces[-1]
+        pace = (last_at - first_at) / (len(paces) - 1)
+        if position <= last or now - last_at > PACE_LATE * pace + PACE_SLACK:
+            return False
+        return (position - last) * pace - (now - last_at) <= seconds
 
     def distrust(self) -> None:
         """An opener waited for this zip in vain (it stalls): nobody waits for it again."""
@@ -196,6 +228,7 @@ class ZipFetch:
                     continue
                 with self._cond:
                     self._last_seen = self._position_of.get(str(node.sop_uid), position)
+                    self._paces.append((self._clock(), self._last_seen))
                 if self._skip(node):  # cached, or fetched already: its bytes go by
                     self.skipped += 1
                     continue
