@@ -190,8 +190,6 @@ class Prefetcher:
             if key not in self._ahead:
                 self._ahead[key] = size
                 self.budget.unread += size
-            if key in self._queued:  # a worker that left it to the zip drops it from the queue
-                self._cond.notify_all()
 
     def forget(self, key: Hashable) -> None:
         """A file fetched ahead left the cache (evicted, dropped): it is no longer ahead."""

@@ -144,9 +144,11 @@ class ZipFetch:
         which is the reading order of the descriptive layout; where it is not, as with ``--layout uid``,
         the last member jumps about and openers rarely wait, each at most until the next member)."""
         with self._cond:
-            if self._stopped or self._distrusted or self.done.is_set():
-                return False
-            return self._last_seen <= position <= self._last_seen + SOON
+            return self._going() and self._last_seen <= position <= self._last_seen + SOON
+
+    def _going(self) -> bool:
+        """Whether the zip still runs and is trusted (lock held): what about_to and brings_within need."""
+        return not (self._stopped or self._distrusted or self.done.is_set())
 
     def brings_within(self, position: int, seconds: float, now: float) -> bool:
         """Whether the zip, at the pace of its last members, brings reading-order ``position`` within
@@ -155,8 +157,7 @@ class ZipFetch:
         waits at the end of its window, stopped, ended or is distrusted, or a position it may not
         bring yet."""
         with self._cond:
-            if (self._stopped or self._distrusted or self._waiting or self.done.is_set()
-                    or position >= self._limit or len(self._paces) < PACE_MEMBERS):
+            if not self._going() or self._waiting or position >= self._limit or len(self._paces) < PACE_MEMBERS:
                 return False
             paces = list(self._paces)
         if any(b[1] != a[1] + 1 for a, b in zip(paces, paces[1:])):
