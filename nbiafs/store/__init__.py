@@ -11,8 +11,11 @@ One job per module:
 * :mod:`.prefetcher`: the pool that fetches ahead, most recently read series first;
 * :mod:`.zipfetch`: a series read through its ``getImage`` zip, feeding the cache in reading order;
 * :mod:`.zipmode`: whether singles run beside a zip or it runs alone, measured at each zip's start;
-* this module: :class:`InstanceStore`, which ties them together, and the bulk jobs of the commands
-  (:meth:`InstanceStore.ensure`, :meth:`InstanceStore.verify_all`, :meth:`InstanceStore.info`).
+* :mod:`.jobs`: the bulk jobs of the commands (:meth:`~.jobs.CacheJobs.ensure`, ``verify_all``,
+  ``info``, ``clear``), a part of :class:`InstanceStore` that fetches through its single flight;
+* this module: :class:`InstanceStore`, which ties them together for the file system, fsspec and the
+  commands: opens, reads and releases, the read-ahead a reader's opens plan, the series zip's
+  claims on the cache, one fetch per instance.
 
 Reading an instance: an open of a cached file is one ``open`` and one ``fstat`` (its use is noted in
 memory and written in batches); an open of one that is not cached starts its fetch (or joins the one in
@@ -32,12 +35,10 @@ from __future__ import annotations
 import io
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
@@ -48,6 +49,7 @@ from ..errors import ConfigError, IntegrityError, NbiaError, OfflineError, Serve
 from .download import MEMORY_LIMIT, Download
 from .handles import DownloadHandle, FileHandle, HandleTable
 from .index import OBJECTS, CacheIndex, Digests
+from .jobs import CacheInfo, CacheJobs, EnsureReport, Outcome, VerifyReport
 from .prefetcher import Item, Prefetcher
 from .readahead import (
     ZIP_MIN_REST,
@@ -142,47 +144,6 @@ class StoreStats:
     walks_on: int = 0  # first opens of a series whose window opened at once (a reader walking series on)
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What :meth:`InstanceStore.ensure` did for one instance."""
-
-    node: Any
-    status: str  # "cached" (was there and verified), "fetched", "failed"
-    size: int = 0
-    error: str | None = None
-
-
-@dataclass(slots=True)
-class EnsureReport:
-    outcomes: list[Outcome] = field(default_factory=list)
-    stopped: bool = False
-
-    @property
-    def failed(self) -> list[Outcome]:
-        return [o for o in self.outcomes if o.status == "failed"]
-
-    @property
-    def ok(self) -> bool:
-        return not self.stopped and not self.failed
-
-
-@dataclass(slots=True)
-class VerifyReport:
-    checked: int = 0
-    bytes: int = 0
-    dropped: list[str] = field(default_factory=list)  # paths of files that failed (removed)
-
-
-@dataclass(frozen=True, slots=True)
-class CacheInfo:
-    directory: str
-    bytes: int
-    instances: int
-    series: int
-    bound: int
-    namespaces: dict[str, int]  # namespace -> instances
-
-
 class _Counters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -197,7 +158,7 @@ class _Counters:
             return StoreStats(**self._values)
 
 
-class InstanceStore:
+class InstanceStore(CacheJobs):
     """Instance bytes for the file system and the commands (see the module docstring)."""
 
     def __init__(self, client: NbiaClient | None, cache_dir: Path, *, size_limit: int, namespace: str,
@@ -761,123 +722,7 @@ class InstanceStore:
         _read_soon(fd, length)
         return FileHandle(fd, length)
 
-    # ----------------------------------------------------------------- bulk jobs of the commands
-    def ensure(self, nodes: Sequence[InstanceRef], *, verify_md5: bool = True, workers: int | None = None,
-               on_outcome: Callable[[Outcome], None] | None = None,
-               stop: threading.Event | None = None) -> EnsureReport:
-        """Make every one of ``nodes`` cached and, with ``verify_md5``, checked against the server's md5.
-
-        What is cached and already verified is skipped (a re-run fetches only what is missing); a cached
-        file whose md5 was never compared with the server's is compared now (read from disk); a
-        mismatch is fetched again once, then reported, and never kept. ``on_outcome`` is called for every
-        instance as it is done (from worker threads); ``stop`` ends the job early (the instances in
-        progress finish). Parallel: ``workers`` (default: the store's) at once, within the client's
-        connection bound.
-        """
-        self._check_open()
-        report = EnsureReport()
-        lock = threading.Lock()
-        stop = stop or threading.Event()
-
-        def one(node: InstanceRef) -> None:
-            if stop.is_set():
-                return
-            try:
-                outcome = self._ensure_one(node, verify_md5)
-            except Exception as exc:  # noqa: BLE001 - reported per instance
-                outcome = Outcome(node, "failed", int(node.size or 0), str(exc) or type(exc).__name__)
-            with lock:
-                report.outcomes.append(outcome)
-            if on_outcome is not None:
-                on_outcome(outcome)
-
-        with ThreadPoolExecutor(max(1, workers or self._workers), thread_name_prefix="nbiafs-ensure") as pool:
-            pending: set[Future[None]] = {pool.submit(one, node) for node in nodes}
-            try:
-                while pending and not stop.is_set():
-                    _done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            except KeyboardInterrupt:
-                stop.set()
-                raise
-            finally:
-                for future in pending:
-                    future.cancel()  # what has not started does not; what runs finishes (bounded)
-        report.stopped = stop.is_set() and len(report.outcomes) < len(nodes)
-        return report
-
-    def _ensure_one(self, node: InstanceRef, verify_md5: bool) -> Outcome:
-        series_uid, sop_uid = _ids(node)
-        path = self._index.path_for(series_uid, sop_uid)
-        server_md5 = None
-        entry = self._index.lookup(path)
-        if entry is not None and not self._still_there(path, entry):
-            entry = None  # gone or cut under the index (another process, a hand): fetched again below
-        if entry is not None:
-            digests = self._index.digests(path)
-            if not verify_md5:
-                return Outcome(node, "cached", entry.size)
-            if digests.server is not None and digests.fetched == digests.server:
-                return Outcome(node, "cached", entry.size)
-            server_md5 = self._server_md5(sop_uid)
-            if _md5_of_file(path) == server_md5:
-                self._index.set_digests(path, Digests(server_md5, server_md5, entry.size))
-                return Outcome(node, "cached", entry.size)
-            log.warning("cached %s is not the server's file (md5): fetching it again", sop_uid)
-            self._counters.add("md5_mismatches")
-            self._index.remove(path)
-        if self._offline:
-            return Outcome(node, "failed", int(node.size or 0), "not cached (offline)")
-        if verify_md5 and server_md5 is None:
-            server_md5 = self._server_md5(sop_uid)
-        last = "fetch failed"
-        for _attempt in range(2):  # a mismatch is fetched again once
-            joined = self._join_or_start(path, node, server_md5 if verify_md5 else None)
-            if joined is None:  # completed by another a moment ago: check it as a cached file
-                return self._ensure_one(node, verify_md5)
-            download, leader = joined
-            if leader:
-                self._run(path, download)
-            else:
-                try:
-                    download.wait_for(1 << 62, self._stall)
-                except NbiaError:
-                    pass
-            if download.ok and download.on_disk:
-                if verify_md5 and download.md5 != server_md5:  # joined a fetch that did not check it
-                    self._index.remove(path)
-                    last = f"md5 {download.md5} is not the server's {server_md5}"
-                    continue
-                self._note_length(node, download.length)
-                return Outcome(node, "fetched", int(download.length or 0))
-            if download.ok:
-                return Outcome(node, "failed", int(download.length or 0),
-                               f"the cache cannot be written ({download.disk_refused})")
-            last = str(download.error)
-            if not isinstance(download.error, IntegrityError):
-                break
-        return Outcome(node, "failed", int(node.size or 0), last)
-
-    def _still_there(self, path: str, entry: Any) -> bool:
-        """Whether the cached file of ``entry`` is on disk with the length it was fetched with; if not,
-        it leaves the index (as an open finds out)."""
-        try:
-            length = os.stat(path).st_size
-        except FileNotFoundError:
-            length = None
-        recorded = self._index.fetched_length(entry)
-        if length is not None and length > 0 and (recorded is None or length == recorded):
-            return True
-        log.warning("cached %s is %s: fetching it again", path,
-                    "gone" if length is None else f"{length} bytes instead of {recorded}")
-        self._counters.add("corrupt_dropped")
-        self._index.remove(path)
-        return False
-
-    def _server_md5(self, sop_uid: str) -> str:
-        client = self._client
-        assert client is not None
-        return client.md5_for_image(sop_uid)
-
+    # ----------------------------------------------------------------- what the cache holds
     def md5_of(self, node: InstanceRef) -> str | None:
         """The server's md5 of a cached instance, when it is known (checked by a prefetch or download)."""
         if not node.series_uid or not node.sop_uid:
@@ -911,67 +756,6 @@ class InstanceStore:
         path = self._index.path_for(node.series_uid, node.sop_uid)
         return Path(path) if self._index.lookup(path) is not None and os.path.exists(path) else None
 
-    def verify_all(self, *, all_namespaces: bool = True,
-                   on_file: Callable[[str, bool], None] | None = None) -> VerifyReport:
-        """Check every cached file: its length against what was fetched, and its md5 against the one
-        recorded (of the bytes fetched, and the server's where known). Drops what fails."""
-        self._index.scan()
-        report = VerifyReport()
-        for entry in self._index.entries(all_namespaces=all_namespaces):
-            digests = self._index.digests(entry.path)
-            ok = True
-            try:
-                length = os.path.getsize(entry.path)
-                if digests.length is not None and length != digests.length:
-                    ok = False
-                elif digests.fetched is not None or digests.server is not None:
-                    actual = _md5_of_file(entry.path)
-                    ok = actual == (digests.server or digests.fetched) and (
-                        digests.fetched is None or actual == digests.fetched)
-            except OSError:
-                ok = False
-            report.checked += 1
-            report.bytes += entry.size
-            if not ok:
-                report.dropped.append(entry.path)
-                self._index.remove(entry.path)
-            if on_file is not None:
-                on_file(entry.path, ok)
-        return report
-
-    def info(self) -> CacheInfo:
-        """What the cache directory holds (every namespace)."""
-        self._index.scan()
-        entries = self._index.entries(all_namespaces=True)
-        names = self._index.namespaces()
-        per: dict[str, int] = {}
-        series: set[str] = set()
-        for e in entries:
-            ns_id = os.path.relpath(e.path, self.directory).split(os.sep, 1)[0]
-            per[names.get(ns_id, ns_id)] = per.get(names.get(ns_id, ns_id), 0) + 1
-            series.add(os.path.dirname(e.path))
-        return CacheInfo(str(self.directory.parent), sum(e.size for e in entries), len(entries), len(series),
-                         self._size_limit, per)
-
-    def clear(self) -> int:
-        """Remove every cached instance of every namespace; returns how many were removed."""
-        self._index.scan()
-        removed = 0
-        for entry in self._index.entries(all_namespaces=True):
-            removed += bool(self._index.remove(entry.path))
-        legacy = self.directory.parent / "instances"  # the diskcache store of nbiafs before 0.2
-        if legacy.is_dir():
-            shutil.rmtree(legacy, ignore_errors=True)
-        return removed
-
-    def evict_all(self) -> int:
-        """Remove this namespace's instances; returns how many were removed."""
-        self._index.scan()
-        removed = 0
-        for entry in self._index.entries():
-            removed += bool(self._index.remove(entry.path))
-        return removed
-
     def contains(self, node: InstanceRef) -> bool:
         if not node.series_uid or not node.sop_uid:
             return False
@@ -993,16 +777,6 @@ def _ids(node: InstanceRef) -> tuple[str, str]:
     if not node.series_uid or not node.sop_uid:
         raise NbiaError(f"not an instance: {node!r}")
     return node.series_uid, node.sop_uid
-
-
-def _md5_of_file(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _instance_number(stream: BinaryIO, sop_uid: str) -> int | None:
