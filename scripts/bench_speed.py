@@ -29,7 +29,9 @@ Every mount goes through the CLI (``python -m nbiafs mount``, background) and is
 ``finally``; the emulator runs in its own process (see ``benchlib``); every byte read through a mount
 is compared with the archive (sha256) and a difference stops the run. ``--mount-args "--workers 16"``
 adds flags to every mount (after the scenario's own, so they win). ``--quick`` uses small profiles to
-check the script itself in a minute or two; its figures say little. Archives are built once under
+check the script itself in a minute or two; its figures say little. ``--series SPEC`` reads another
+series in cold and warm (an emulator profile spec: ``ct200:instances=600,rows=256`` is 600 files of
+131 KB, MR-sized), for how the figures hold with other file sizes. Archives are built once under
 ``--data-root`` and reused. ``--json FILE`` writes every figure.
 """
 
@@ -136,6 +138,8 @@ class Run:
         """(profile spec, data dir, Archive) of a role, built on first use."""
         if role not in self._archives:
             spec = PROFILES[role][1 if self.args.quick else 0]
+            if role == "ct200" and self.args.series:
+                spec = self.args.series  # another series for cold and warm (smaller files, more of them)
             data = self.data_root / slug(spec)
             started = time.monotonic()
             archive = ensure_archive(data, profile=spec)
@@ -820,6 +824,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mount-args", default="", help='extra flags for every mount, e.g. "--workers 16"')
     parser.add_argument("--quick", action="store_true", help="small profiles: checks the script, not the mount")
     parser.add_argument("--json", default=None, metavar="FILE", help="write every figure to FILE")
+    parser.add_argument("--series", default=None, metavar="SPEC",
+                        help="the series cold and warm read, as an emulator profile spec (default ct200: 200 x "
+                             "525 KB), e.g. ct200:instances=600,rows=256 for 600 files of 131 KB")
     parser.add_argument("--shapes", default="abc", help="network shapes of the cold read (default abc)")
     parser.add_argument("--ttfb-samples", type=int, default=None, help="instances timed by ttfb (default 7, quick 3)")
     parser.add_argument("--readers", type=int, default=8, help="reader processes of the readers scenario (default 8)")
