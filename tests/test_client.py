@@ -719,3 +719,40 @@ def test_proxy_and_ca_bundle_come_from_the_environment_and_netrc_never_replaces_
     other = make_client(tokens)
     other.collections()
     assert calls_to(rsps, "getCollectionValues")[-1].request.req_kwargs["proxies"].get("http") is None
+
+
+def test_requests_are_sent_as_session_request_would_send_them(rsps, monkeypatch, tmp_path):
+    """The transport prepares requests itself (the endpoint URL once) and sends them with Session.send:
+    what the server sees and what the session keeps are as with Session.request. A cookie the server
+    set is sent back, a redirect is followed, lists in the query repeat their key and None drops it,
+    form bodies are encoded, the session's own headers go out under the call's, and TLS verification
+    stays on (the session's verify) when the environment names no CA bundle."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    rsps.get(f"{V4}/getCollectionValues", json=[{"Collection": "A"}], headers={"Set-Cookie": "lb=node7; Path=/"})
+    rsps.get(f"{V4}/getPatient", status=302, headers={"Location": f"{V4}/getPatientMoved"})
+    rsps.get(f"{V4}/getPatientMoved", json=[{"PatientId": "P1", "Collection": "A"}])
+    rsps.post(f"{V4}/getPatient", body="")
+    client = make_client(api="v4")
+    client.session.headers["X-Extra"] = "kept"
+    client.session.headers["Accept-Encoding"] = None  # None removes a session header, as requests does
+    try:
+        assert [c.name for c in client.collections()] == ["A"]
+        assert [p.patient_id for p in client.patients("A")] == ["P1"]
+        answer = client._transport.call(
+            "POST", f"{V4}/getPatient", what="a form", endpoint="getPatient", handle=lambda r: r.status_code,
+            params={"list": ["1.2", "1.3"], "skip": None}, data=[("list", "9.1"), ("list", "9.2")])
+    finally:
+        client.close()
+    assert answer == 200
+    first = calls_to(rsps, "getCollectionValues")[0]
+    assert first.request.headers["User-Agent"].startswith("nbiafs/") and first.request.headers["X-Extra"] == "kept"
+    assert "Accept-Encoding" not in first.request.headers
+    assert first.request.req_kwargs["verify"] is True
+    followed = calls_to(rsps, "getPatientMoved")
+    assert followed and all(c.request.headers.get("Cookie") == "lb=node7" for c in followed)
+    form = [c for c in calls_to(rsps, "getPatient") if c.request.method == "POST"][0]
+    assert parse_qs(urlsplit(form.request.url).query) == {"list": ["1.2", "1.3"]}
+    assert form.request.body == "list=9.1&list=9.2"
+    assert form.request.headers["Content-Type"] == "application/x-www-form-urlencoded"
