@@ -343,6 +343,8 @@ class Transport:
         for key, value in session.headers.items():
             if value is not None:  # (None removes a header, as merge_setting does)
                 merged[key] = value if isinstance(value, str) else value.decode("latin-1")  # the same bytes sent
+        for item in headers.items():
+            requests.utils.check_header_validity(item)  # InvalidHeader (a RequestException), as requests says
         merged.update(headers)
         prep.headers = merged
         prep.prepare_cookies(session.cookies)

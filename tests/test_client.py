@@ -756,3 +756,17 @@ def test_requests_are_sent_as_session_request_would_send_them(rsps, monkeypatch,
     assert parse_qs(urlsplit(form.request.url).query) == {"list": ["1.2", "1.3"]}
     assert form.request.body == "list=9.1&list=9.2"
     assert form.request.headers["Content-Type"] == "application/x-www-form-urlencoded"
+
+
+def test_a_header_value_with_a_line_break_is_refused_before_anything_is_sent(rsps):
+    """A token with a line break in it (a broken login answer) would split the request's headers:
+    refused as a bad request, never sent, never retried."""
+    rsps.get(f"{V4}/getCollectionValues", json=[{"Collection": "A"}])
+    client = make_client(api="v4")
+    try:
+        with pytest.raises(BadRequestError, match="request failed"):
+            client._transport.call("GET", f"{V4}/getCollectionValues", what="a listing", endpoint="getCollectionValues",
+                                   handle=lambda r: r.status_code, token=lambda deadline: "tok\r\nX-Evil: 1")
+    finally:
+        client.close()
+    assert calls_to(rsps, "getCollectionValues") == []
