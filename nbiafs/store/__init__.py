@@ -11,6 +11,7 @@ One job per module:
 * :mod:`.prefetcher`: the pool that fetches ahead, most recently read series first;
 * :mod:`.zipfetch`: a series read through its ``getImage`` zip, feeding the cache in reading order;
 * :mod:`.zipmode`: whether singles run beside a zip or it runs alone, measured at each zip's start;
+* :mod:`.ref`: what the store needs of an instance (:class:`~.ref.InstanceRef`);
 * :mod:`.jobs`: the bulk jobs of the commands (:meth:`~.jobs.CacheJobs.ensure`, ``verify_all``,
   ``info``, ``clear``), a part of :class:`InstanceStore` that fetches through its single flight;
 * this module: :class:`InstanceStore`, which ties them together for the file system, fsspec and the
@@ -40,7 +41,7 @@ import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import cachetools
 import pydicom
@@ -63,6 +64,8 @@ from .readahead import (
     wants_zip,
     zip_limit,
 )
+from .ref import InstanceRef
+from .ref import ids as _ids
 from .zipfetch import ZipFetch
 from .zipmode import ZIP_ONLY, Trial
 
@@ -101,17 +104,6 @@ SINGLE_SERIES = 1024
 #: A trial's verdict holds for the zips that start within this many seconds after it (the network
 #: seldom changes between two series of one reading); later zips are measured again.
 VERDICT_TTL = 300.0
-
-
-class InstanceRef(Protocol):
-    """What the store needs of a catalog ``Node``: the instance's identifiers and exact size."""
-
-    @property
-    def series_uid(self) -> str | None: ...
-    @property
-    def sop_uid(self) -> str | None: ...
-    @property
-    def size(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -771,12 +763,6 @@ class InstanceStore(CacheJobs):
     def _check_open(self) -> None:
         if self._closed:
             raise NbiaError("the instance store is closed")
-
-
-def _ids(node: InstanceRef) -> tuple[str, str]:
-    if not node.series_uid or not node.sop_uid:
-        raise NbiaError(f"not an instance: {node!r}")
-    return node.series_uid, node.sop_uid
 
 
 def _instance_number(stream: BinaryIO, sop_uid: str) -> int | None:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import IntegrityError, NbiaError
 from .index import CacheIndex, Digests
+from .ref import InstanceRef, ids
 
 if TYPE_CHECKING:
     from ..client import NbiaClient
@@ -83,15 +84,6 @@ class CacheInfo:
     namespaces: dict[str, int]  # namespace -> instances
 
 
-class _InstanceRef(Protocol):
-    @property
-    def series_uid(self) -> str | None: ...
-    @property
-    def sop_uid(self) -> str | None: ...
-    @property
-    def size(self) -> int: ...
-
-
 class _Counting(Protocol):
     def add(self, name: str, amount: int = 1) -> None: ...
 
@@ -120,7 +112,7 @@ class CacheJobs:
 
     __slots__ = ()
 
-    def ensure(self: _Store, nodes: Sequence[_InstanceRef], *, verify_md5: bool = True,
+    def ensure(self: _Store, nodes: Sequence[InstanceRef], *, verify_md5: bool = True,
                workers: int | None = None, on_outcome: Callable[[Outcome], None] | None = None,
                stop: threading.Event | None = None) -> EnsureReport:
         """Make every one of ``nodes`` cached and, with ``verify_md5``, checked against the server's md5.
@@ -137,7 +129,7 @@ class CacheJobs:
         lock = threading.Lock()
         stop = stop or threading.Event()
 
-        def one(node: _InstanceRef) -> None:
+        def one(node: InstanceRef) -> None:
             if stop.is_set():
                 return
             try:
@@ -225,11 +217,9 @@ class CacheJobs:
         return removed
 
 
-def _ensure_one(store: _Store, node: _InstanceRef, verify_md5: bool) -> Outcome:
+def _ensure_one(store: _Store, node: InstanceRef, verify_md5: bool) -> Outcome:
     """:meth:`CacheJobs.ensure` for one instance (in a worker of its pool)."""
-    series_uid, sop_uid = node.series_uid, node.sop_uid
-    if not series_uid or not sop_uid:
-        raise NbiaError(f"not an instance: {node!r}")
+    series_uid, sop_uid = ids(node)
     path = store._index.path_for(series_uid, sop_uid)
     server_md5 = None
     entry = store._index.lookup(path)
