@@ -107,6 +107,7 @@ class Settings:
     umask: int = _d("umask")
     kernel_timeout: float = _d("kernel_timeout")
     kernel_read_ahead: int = _d("kernel_read_ahead")
+    kernel_opens: bool = _d("kernel_opens")
     negative_timeout: float = _d("negative_timeout")
     ready_timeout: float = _d("ready_timeout")
     force: bool = _d("force")

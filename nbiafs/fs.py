@@ -13,11 +13,18 @@ thread's Python state for the next request (:mod:`nbiafs.threadstate`: building 
 most of a warm open's cost), but past that module's bound a thread still gets a fresh one per
 callback: nothing here keeps ``threading.local`` state between callbacks.
 
+With ``--kernel-opens`` (and a kernel that offers FUSE ``no_open``) the first ``open`` is answered
+ENOSYS: the kernel then opens every file itself, keeps its pages and sends reads with handle 0, and a
+file's store handle is made at its first read (:mod:`nbiafs.kernelopens`). The metadata files then
+never change length (:mod:`nbiafs.keptfiles`).
+
 A file whose bytes turn out longer or shorter than the metadata said (a complete body by its own
 Content-Length: the metadata was wrong) is opened with ``direct_io``, so the reader gets every true
 byte whatever size the kernel cached, and the kernel's cached attributes of that path are invalidated
 (``fuse_invalidate_path``, from a helper thread, never inside the request) so the next stat shows
-the true size.
+the true size. Where the kernel opened the file itself there is no ``direct_io``: a read that reaches
+the end the kernel believes in fails (EIO: never a file cut or padded with zeros) until the kernel
+has asked the true size.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from .errors import (
     ReadOnlyError,
     errno_for,
 )
+from .kernelopens import FUSE_CAP_NO_OPEN_SUPPORT, KernelOpens
 from .threadstate import ThreadStates
 
 log = logging.getLogger(__name__)
@@ -54,6 +62,12 @@ fuse: Any = fuselib.load()
 #: reader's buffer; a buffer of 1 MiB made cp and cat map and fault in a fresh 1 MiB for every file,
 #: and a warm `cat` of a series took twice as long (docs/performance.md).
 DEFAULT_BLKSIZE = 1 << 17
+
+#: The kernel's page: a read of more is a read-ahead, which the kernel retries itself, page by page.
+PAGE_SIZE = 4096
+
+#: How long a read waits for another thread's open of the same file, if the store does not say.
+DEFAULT_OPEN_WAIT = 180.0
 
 #: How long the kernel remembers that a name does not exist. Listings are immutable too, but a
 #: negative answer can come from a transient state (offline, a restricted collection before login),
@@ -103,6 +117,11 @@ def _guarded(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _reader() -> int:
+    """The thread whose request is being answered (libfuse's context: the kernel's caller)."""
+    return int(fuse.fuse_get_context()[2])
+
+
 def _refused(name: str) -> Callable[..., int]:
     """A write operation of the read-only file system: always EROFS."""
 
@@ -132,7 +151,7 @@ class NbiaFS(fuse.Operations):
                  on_destroy: Callable[[], None] | None = None,
                  stop_first: Callable[[], None] | None = None,
                  on_readdir: Callable[[str, str], None] | None = None,
-                 meta: Any | None = None) -> None:
+                 meta: Any | None = None, kernel_opens: bool = False) -> None:
         self.catalog = catalog
         self.store = store
         self.tokens = tokens
@@ -150,6 +169,12 @@ class NbiaFS(fuse.Operations):
         self.thread_states = ThreadStates()
         self._getattr_lock = threading.Lock()
         self._getattr_calls = 0  # every LOOKUP and GETATTR of the kernel is one (stats: what READDIRPLUS saves)
+        #: Whether to let the kernel open files itself when it can (see :meth:`connected`), and whether it does.
+        self.kernel_opens_wanted = kernel_opens
+        self.kernel_opens = False
+        self._opened: KernelOpens[int] = KernelOpens(self._release_instance)
+        #: Files the kernel opened itself whose true size is not the one it holds (until it asks again).
+        self._told_wrong: dict[str, int] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def init(self, path: str) -> None:
@@ -174,11 +199,24 @@ class NbiaFS(fuse.Operations):
         if error is not None:
             fuse.fuse_exit()
 
+    def connected(self, capable: int) -> None:
+        """What the kernel offers (libfuse's ``conn->capable``), before :meth:`init`: files are opened by
+        the kernel itself if it can and that is wanted (:mod:`nbiafs.kernelopens`)."""
+        self.kernel_opens = self.kernel_opens_wanted and bool(capable & FUSE_CAP_NO_OPEN_SUPPORT)
+        if self.kernel_opens:
+            log.debug("the kernel opens files itself: nbiafs sees their reads only")
+            if self.meta is not None:  # their lengths must not change now (nbiafs.keptfiles)
+                self.meta.keep_for_kernel(self.invalidate)
+        elif self.kernel_opens_wanted:
+            log.warning("this kernel asks nbiafs at every open (it offers no FUSE no_open)")
+
     def destroy(self, path: str) -> None:
         """Stop everything: first ``stop_first`` (the HTTP client: it cuts transfers in flight, so no
         worker is left waiting for a stalled server), then the store's workers, then the token
         refresher (logging out)."""
         for name, stop in (("HTTP client", self._stop_first),
+                           ("files the kernel opened", self._opened.close),
+                           ("metadata files", getattr(self.meta, "close", None)),
                            ("store", getattr(self.store, "close", None)),
                            ("tokens", getattr(self.tokens, "close", None))):
             if stop is None:
@@ -221,7 +259,12 @@ class NbiaFS(fuse.Operations):
     def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
         with self._getattr_lock:
             self._getattr_calls += 1
-        return self._attrs(self.catalog.lookup(path))
+        attrs = self._attrs(self.catalog.lookup(path))
+        if self._told_wrong:
+            with self._getattr_lock:
+                if attrs["st_size"] != self._told_wrong.get(path, attrs["st_size"]):
+                    del self._told_wrong[path]  # the kernel is told the true size now
+        return attrs
 
     @property
     def getattr_calls(self) -> int:
@@ -313,6 +356,10 @@ class NbiaFS(fuse.Operations):
     def open(self, path: str, fi: Any) -> int:
         if fi.flags & _WRITE_FLAGS:
             raise ReadOnlyError(path)
+        if self.kernel_opens:
+            # Asked once: from this answer on, the kernel opens every file itself, keeps its pages and
+            # sends its reads with handle 0 (read() opens the file then).
+            raise fuse.FuseOSError(errno.ENOSYS)
         node = self.catalog.lookup(path)
         if node.kind == "meta" and self.meta is not None:
             fi.fh = self.meta.open(node)
@@ -356,9 +403,52 @@ class NbiaFS(fuse.Operations):
 
     @_guarded
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
+        if not fi.fh:
+            return self._read_unopened(path, size, offset)
         if self.meta is not None and self.meta.owns(fi.fh):
             return self.meta.read(fi.fh, size, offset)
         return self.store.read(fi.fh, size, offset)
+
+    def _read_unopened(self, path: str, size: int, offset: int) -> bytes:
+        """A read of a file the kernel opened itself (handle 0): the file's handle is made at its first
+        read and kept for the next ones (:class:`nbiafs.kernelopens.KernelOpens`)."""
+        node = self.catalog.lookup(path)
+        if node.kind == "meta" and self.meta is not None:
+            return self.meta.read_unopened(node, size, offset)
+        if node.kind != "instance":
+            raise IsDirectoryError(path)
+        wait = float(getattr(self.store, "open_timeout", DEFAULT_OPEN_WAIT))
+        with self._opened.use(path, lambda: self._open_instance(path, node), wait, reader=_reader,
+                              retried=size > PAGE_SIZE) as (handle, true):
+            told = self._told_wrong.get(path) if self._told_wrong else None
+            if told is None or offset + size < min(told, true):
+                return self.store.read(handle, size, offset)
+        # The kernel believes the file ends at ``told``: it would cut this reader there, or fill the rest
+        # with zeros. An error, never wrong bytes, until it has asked the true size (not one the handle
+        # shows: it retries a failed read-ahead page by page, so a reader often gets every byte at once
+        # all the same).
+        raise NbiaError(f"{path}: the server sent {true} bytes, not the {told} its metadata said; "
+                        f"read the file again")
+
+    def _open_instance(self, path: str, node: Any) -> tuple[int, int]:
+        """Open ``node`` in the store for reads with handle 0: its handle and its true size."""
+        handle = self.store.open(node, (lambda: self._prefetch_series_of(node)) if self.prefetch_enabled else None)
+        try:
+            true = self.store.size(handle)
+        except BaseException:
+            self.store.release(handle)
+            raise
+        told = int(node.size)
+        if true != told:  # the metadata was wrong: the kernel must ask the size again
+            with self._getattr_lock:
+                self._told_wrong[path] = told
+            self._invalidate_soon(path)
+            if self.meta is not None:  # the series' .series.json says the true size now
+                self._invalidate_soon(path.rsplit("/", 1)[0] + "/.series.json")
+        return handle, true
+
+    def _release_instance(self, handle: int) -> None:
+        self.store.release(handle)
 
     @_guarded
     def release(self, path: str, fi: Any) -> int:

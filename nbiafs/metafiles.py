@@ -18,7 +18,11 @@ when first stat'ed or opened (their st_size must be exact), so listing a folder 
 A failure to build one (the server down) is an I/O error on that file, never an empty file.
 
 Handles of open metadata files live here, numbered from :data:`HANDLE_BASE` so they can never be
-mistaken for the store's; a metadata file is opened with ``direct_io`` (``stats.json`` changes).
+mistaken for the store's; a metadata file is opened with ``direct_io`` (``stats.json`` changes). Where
+the kernel opens files itself (FUSE ``no_open``, :mod:`nbiafs.kernelopens`) there are no handles and no
+``direct_io``: the kernel keeps what it read, so no file's length changes there (``.series.json``
+without md5s, ``stats.json`` padded to a page) and a read of ``stats.json`` to its end has the kernel
+forget it (:mod:`nbiafs.keptfiles`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any
 
 from .citation import doi_from, fetch_citation, html_to_text
 from .errors import NbiaError, RemoteNotFoundError
+from .keptfiles import Forgetter, padded
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +114,7 @@ class MetaFiles:
         self._lock = threading.Lock()
         self._handles: dict[int, bytes] = {}
         self._numbers = itertools.count(HANDLE_BASE)
+        self._forgetter: Forgetter | None = None  # where the kernel opens files itself (keep_for_kernel)
 
     # ------------------------------------------------------------------ extended attributes
     def xattrs(self, node: Any) -> dict[str, bytes]:
@@ -134,13 +140,32 @@ class MetaFiles:
         if name == ".collection.json":
             return self._collection_json(node.collection)
         if name == ".series.json":
-            return self._series_json(node.record)
+            return self._series_json(node.record, md5s=self._forgetter is None)
         if name == "stats.json":
-            return to_json(self._stats())
+            data = to_json(self._stats())
+            return padded(data) if self._forgetter is not None else data
         raise RemoteNotFoundError(f"{node.path}: no such metadata file")
 
     def size(self, node: Any) -> int:
         return len(self.content(node))
+
+    def keep_for_kernel(self, invalidate: Callable[[str], None]) -> None:
+        """The kernel opens files itself and keeps their pages: from now on no file's length changes
+        (:mod:`nbiafs.keptfiles`), and ``invalidate(path)`` makes the kernel forget a file."""
+        self._forgetter = Forgetter(invalidate)
+
+    def read_unopened(self, node: Any, size: int, offset: int) -> bytes:
+        """A read of a metadata file the kernel opened itself (no handle)."""
+        if self._forgetter is None:
+            raise NbiaError(f"{node.path}: read without a handle, but the kernel does not open files itself")
+        data = self.content(node)
+        if offset + size >= len(data) and node.path.endswith("/stats.json"):
+            self._forgetter.forget(node.path)  # the next reader gets the counters as they are then
+        return data[offset:offset + size]
+
+    def close(self) -> None:
+        if self._forgetter is not None:
+            self._forgetter.close()
 
     def open(self, node: Any) -> int:
         data = self.content(node)
@@ -201,12 +226,14 @@ class MetaFiles:
                 facts["citation"] = citation.as_dict()
         return facts
 
-    def _series_json(self, series_node: Any) -> bytes:
+    def _series_json(self, series_node: Any, md5s: bool = True) -> bytes:
+        """The series and its files; with ``md5s``, each cached file's md5 too (they come as files are
+        cached: not where the kernel keeps the file's pages, see :mod:`nbiafs.keptfiles`)."""
         if series_node is None or series_node.kind != "series":
             raise NbiaError("a .series.json without its series")
         files = [n for n in self._catalog.children_of(series_node) if n.kind == "instance"]
         instances = []
-        for n, digest in zip(files, self._md5s_of(files)):
+        for n, digest in zip(files, self._md5s_of(files) if md5s else [None] * len(files)):
             entry = {"file": n.path.rsplit("/", 1)[-1], "sop_instance_uid": n.sop_uid,
                      "instance_number": n.instance_number, "size": n.size}
             if digest:

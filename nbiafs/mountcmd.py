@@ -255,7 +255,7 @@ def run_mount(settings: Settings, mountpoint: str, password: str, *,
                                on_destroy=lambda: _stop_control(mountpoint, control),
                                stop_first=layers.close_client,
                                on_readdir=layers.walker.on_readdir if layers.walker is not None else None,
-                               meta=layers.metafiles)
+                               meta=layers.metafiles, kernel_opens=settings.kernel_opens)
         try:
             fs.serve(operations, mountpoint, kernel_timeout=settings.kernel_timeout,
                      negative_timeout=settings.negative_timeout, allow_other=settings.allow_other)
@@ -296,6 +296,7 @@ def _start_control(mountpoint: str, layers: Any, operations: Any) -> Any:
         from .app import store_counters
 
         return {"stats": store_counters(layers.store), "thread_states": operations.thread_states.counts(),
+                "kernel_opens": operations.kernel_opens,
                 "getattr_calls": operations.getattr_calls}
 
     return ControlServer(daemon.control_socket_path(mountpoint), {"refresh": refresh, "stats": stats,

@@ -305,6 +305,11 @@ OPTIONS: tuple[Option, ...] = (
          "each read is a round trip into nbiafs: a 525 KB CT slice then costs one read request, not four "
          "(warm cp -r after a remount 2.11x -> 1.93x native, docs/performance.md)", "size", "mount",
          metavar="SIZE", minimum=0),
+    _opt("kernel_opens", True, "let the kernel open files itself where it can (FUSE no_open, Linux 4.19+): it "
+         "keeps their pages between opens, so a re-read never reaches nbiafs; an error then shows at the first "
+         "read, not at open", "each open and close is otherwise a request into Python: a re-read of a cached "
+         "series took about 2x a local disk's time with them, 1.15x without (docs/performance.md)", "bool",
+         "mount"),
     _opt("negative_timeout", 60.0, "how long the kernel may remember that a name does not exist",
          "only names missing from a successful listing are cached as absent; short, as collections grow",
          "duration", "mount", metavar="SECONDS"),

@@ -2,7 +2,9 @@
 
 What it owns: the FUSE class every mount runs (mfusepy's, with its ``readdir`` and ``init`` callbacks
 replaced), the capability that makes the kernel ask for READDIRPLUS on every chunk of a listing, and
-the small protocol between that callback and the file system: ``readdir_entries(path, offset, plus)``.
+the small protocol between that callback and the file system: ``readdir_entries(path, offset, plus)``,
+and ``connected(capable)``, by which ``init`` tells the file system what else the kernel offers (the
+file system uses FUSE ``no_open`` from it: :mod:`nbiafs.kernelopens`).
 
 Why it exists: without it the kernel learns a directory's names and types only, and then sends one
 LOOKUP per entry that a program stats or opens (`ls -l`, `find -ls`, `du`, `cp -r`, a DICOM indexer):
@@ -70,10 +72,14 @@ def fuse_class(mfusepy: Any) -> type:
         """mfusepy.FUSE whose listings carry their entries' attributes (see the module's comment)."""
 
         def init_fuse_3(self, conn: Any, config: Any) -> None:
-            if want_readdirplus_always(conn.contents if conn else None):
+            info = conn.contents if conn else None
+            if want_readdirplus_always(info):
                 log.debug("READDIRPLUS on every chunk of a listing")
             else:
                 log.info("this kernel offers no READDIRPLUS: every entry a program stats is looked up")
+            connected = getattr(self.operations, "connected", None)
+            if connected is not None:  # what else the kernel offers is the file system's to use
+                connected(int(info.capable) if info is not None else 0)
             super().init_fuse_3(conn, config)
 
         def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any,

@@ -168,7 +168,8 @@ def test_a_complete_body_of_another_size_than_the_metadata_is_served_whole_with_
     collection, study, series, instances = _one_series(archive)
     lying = instances[0]
     emu.report_size(lying.sop_uid, lying.size - 100)  # the database is wrong; the file (and its length) is right
-    m = mounter(emu, extra=(*UID, "--no-prefetch"))
+    # the mount opens files (direct_io; where the kernel opens them: tests/test_mount_kernelopens.py)
+    m = mounter(emu, extra=(*UID, "--no-prefetch", "--no-kernel-opens"))
     file = m.path / collection / study.patient_id / study.uid / series.uid / f"{lying.sop_uid}.dcm"
     assert file.stat().st_size == lying.size - 100
     assert file.read_bytes() == lying.path.read_bytes()  # every true byte, past the stale size

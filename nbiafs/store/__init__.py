@@ -299,6 +299,11 @@ class InstanceStore(CacheJobs):
             raise
         return self._handles.add(handle)
 
+    @property
+    def open_timeout(self) -> float:
+        """The longest an :meth:`open` waits: for its fetch to start, then for its first bytes."""
+        return self._wait_timeout + self._stall
+
     def read(self, handle: int, size: int, offset: int) -> bytes:
         """Exactly the bytes ``[offset, offset+size)`` (fewer at the end, b"" past it)."""
         if size < 0 or offset < 0:
