@@ -27,7 +27,9 @@ series outside it; names are given over the full listings first, so a folder has
 and without the manifest.
 
 Node identity: ``ino`` is a 63-bit blake2b hash of (namespace, kind, identifiers), stable across
-remounts and never 0 or 1 (1 is the root); ``mtime`` comes from metadata dates, never from now().
+remounts and never 0 or 1 (1 is the root); an instance file's has its position in its series' name
+order in its low bits (:func:`series_file_ino`: ``cp -r`` reads a folder in inode order); ``mtime``
+comes from metadata dates, never from now().
 """
 
 from __future__ import annotations
@@ -149,6 +151,22 @@ class RefreshReport:
     forgotten: int  # listings forgotten (to be listed again when next needed)
     changed_series: int | None  # what getUpdatedSeries reported (None: not asked)
     note: str
+
+
+#: The low bits of an instance file's inode number: its position in its series' name (reading) order.
+POSITION_BITS = 24
+
+
+def series_file_ino(namespace: str, ids: tuple[object, ...], position: int, sop_uid: str) -> int:
+    """The inode number of the file at ``position`` in the name order of the series ``ids`` names.
+
+    Programs that copy a folder read its files in inode order (``cp -r`` sorts them so, for the disk's
+    sake): numbered in name order, they read a series in its reading order, which the read-ahead
+    follows, instead of at random. Stable across remounts (a series never changes); a series of more
+    than 2**24 files numbers the rest by hash."""
+    if position >= (1 << POSITION_BITS) - 2:
+        return stable_ino(namespace, "instance", *ids, sop_uid)
+    return (stable_ino(namespace, "series files", *ids) & ~((1 << POSITION_BITS) - 1)) | (position + 2)
 
 
 def stable_ino(namespace: str, kind: str, *ids: object) -> int:
@@ -487,14 +505,14 @@ class Catalog:
         assert series_uid is not None
         records = self._load("instances", (series_uid,), lambda: self._fetch_instances(node), Instance)
         named = naming.instance_filenames(records, self.layout)
+        ids = (node.collection, node.patient_id, node.study_uid, series_uid)
         return {name: Node("instance", _join(node.path, name),
-                           stable_ino(self.namespace, "instance", node.collection, node.patient_id,
-                                      node.study_uid, series_uid, i.sop_uid),
+                           series_file_ino(self.namespace, ids, position, i.sop_uid),
                            node.mtime, size=int(i.size or 0),
                            collection=node.collection, patient_id=node.patient_id,
                            study_uid=node.study_uid, series_uid=series_uid, sop_uid=i.sop_uid,
                            instance_number=i.number, record=i)
-                for name, i in named.items()}
+                for position, (name, i) in enumerate(sorted(named.items()))}
 
     def _meta_node(self, parent: Node, name: str, kind: str) -> Node:
         """A metadata file (or the ``.nbiafs`` folder) beside the images of ``parent``."""

@@ -497,3 +497,17 @@ def test_built_listings_in_memory_are_bounded_by_nodes(metas, monkeypatch):
     before = fake.metadata_calls()
     assert len(walk(cat)) == 1 + 1 + 1 + 4 + 4 * 15  # evicted listings are rebuilt from the metadata cache
     assert fake.metadata_calls() == before
+
+
+def test_instance_inodes_follow_the_name_order_of_their_series_and_stay_unique_and_stable():
+    """cp -r reads a folder in inode order: numbered in name order, it reads a series as the read-ahead
+    expects (in reading order), not at random."""
+    from nbiafs.catalog import POSITION_BITS, series_file_ino
+
+    ids = ("Coll", "P1", "1.2.3", "1.2.3.4")
+    inos = [series_file_ino("ns", ids, i, f"sop{i}") for i in range(500)]
+    assert inos == sorted(inos) and len(set(inos)) == 500 and min(inos) > 1
+    assert inos == [series_file_ino("ns", ids, i, f"sop{i}") for i in range(500)]  # stable
+    other = [series_file_ino("ns", ("Coll", "P1", "1.2.3", "1.2.3.5"), i, f"sop{i}") for i in range(500)]
+    assert not set(inos) & set(other)
+    assert series_file_ino("ns", ids, (1 << POSITION_BITS) - 2, "x") != series_file_ino("ns", ids, 0, "x")

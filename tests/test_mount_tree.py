@@ -201,3 +201,28 @@ def test_opening_a_missing_name_is_enoent(emulator, mounter) -> None:
     with pytest.raises(OSError) as e:
         os.open(m.path / "nope", os.O_RDONLY)
     assert e.value.errno == errno.ENOENT
+
+
+def test_cp_r_reads_a_series_in_its_reading_order_so_the_read_ahead_follows_it(
+        make_emulator, archive, mounter, tmp_path) -> None:
+    """cp -r copies a folder's files in inode order (coreutils sorts them so for the disk): the files of
+    a series are numbered in name order, so it reads them as a reader walking the series would."""
+    import json
+    import shutil
+    import subprocess
+
+    emu = make_emulator()
+    m = mounter(emu)
+    series = m.path / "Demo-Head-MR" / "DHM-0001"
+    series = series / ls(series)[0]
+    series = next(series / d for d in ls(series) if d.startswith("5-"))
+    names = ls(series)
+    by_inode = sorted((e for e in os.scandir(series) if not e.name.startswith(".")), key=lambda e: e.inode())
+    assert [e.name for e in by_inode] == names
+    if shutil.which("cp") is None:
+        pytest.skip("no cp")
+    done = subprocess.run(["cp", "-r", str(series), str(tmp_path / "copy")], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir() if not p.name.startswith(".")) == names
+    stats = json.loads((m.path / ".nbiafs" / "stats.json").read_text())
+    assert stats["prefetches"] > 0  # files came ahead of cp: it walked the series in order

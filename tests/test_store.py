@@ -976,3 +976,25 @@ def test_the_zip_of_a_series_guessed_wrongly_stops_when_the_scan_moves_on(make_s
     assert wait_for(lambda: b[0].series_uid not in store._zips)
     assert store.wait_prefetched(WAIT) and zips(client) == 2
     assert sum(store.contains(n) for n in b) <= 1 + FIRST_WINDOW + 1 and not store.contains(c[1])
+
+
+def test_cached_files_of_a_readers_window_are_read_from_disk_ahead_of_it(make_store, client, monkeypatch):
+    store = make_store(series_zip=False)
+    for n in SIBLINGS[:12]:
+        read_all(store, n)  # all cached
+    assert store.wait_fetched(WAIT)
+    hinted: list[str] = []
+    done = threading.Event()
+
+    def advise(fd: int, offset: int, length: int, advice: int) -> None:
+        hinted.append(os.readlink(f"/proc/self/fd/{fd}"))
+        if len(hinted) >= 5:
+            done.set()
+
+    monkeypatch.setattr(os, "posix_fadvise", advise)
+    for n in SIBLINGS[:3]:  # a reader walking the cached files in order (after a remount: cold pages)
+        store.on_open(n, SIBLINGS)
+    assert done.wait(WAIT)  # the window's cached files (positions 2..6), from the hinting thread
+    expected = {store._index.path_for(n.series_uid, n.sop_uid) for n in SIBLINGS[2:7]}
+    assert set(hinted) == expected
+    assert fetches(client) == 12  # a hint fetches nothing

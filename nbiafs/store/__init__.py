@@ -64,6 +64,7 @@ from .readahead import (
     wants_zip,
     zip_limit,
 )
+from .readsoon import ReadSoon
 from .ref import InstanceRef
 from .ref import ids as _ids
 from .zipfetch import ZipFetch
@@ -200,6 +201,7 @@ class InstanceStore(CacheJobs):
         self._prefetcher = Prefetcher(self._fetch_ahead, workers=0 if offline else workers,
                                       budget=Budget(in_flight_limit, int(size_limit * read_ahead_share)),
                                       leave=self._zip_brings_sooner)
+        self._read_soon = ReadSoon(READ_SOON)  # cached files of a reader's window, read from disk ahead of it
         # series -> how long its getSingleImage fetches take lately (a moving average; a series' files
         # are alike, another series' may be 400 times bigger). Single values written whole: no lock.
         self._single_seconds: dict[str, float] = {}
@@ -233,6 +235,7 @@ class InstanceStore(CacheJobs):
             if not zf.done.wait(30):
                 log.warning("the zip of series %s did not stop within 30 s", zf.series_uid)
         self._prefetcher.stop()
+        self._read_soon.close()
         self._stop.set()
         if self._background is not None:
             self._background.join(30)
@@ -381,12 +384,17 @@ class InstanceStore(CacheJobs):
         if not ahead:
             return 0
         items = []
+        cached = []
         for f in (siblings[i] for i in ahead):
             if not f.series_uid or not f.sop_uid:
                 continue
             path = self._index.path_for(f.series_uid, f.sop_uid)
             if self._index.lookup(path) is None:
                 items.append(Item(path, max(int(f.size or 0), 0), f))
+            else:
+                cached.append(path)
+        if cached:  # their pages come from the disk while the reader is on the files before
+            self._read_soon.hint(cached)
         return self._prefetcher.want(series_uid, items, from_end=zf is not None)
 
     def prefetch(self, nodes: Iterable[InstanceRef]) -> int:
