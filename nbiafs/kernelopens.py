@@ -8,16 +8,19 @@ answered ENOSYS, keeps every file's page cache across opens (as ``keep_cache``) 
 file handle 0: a re-read of a file whose pages the kernel kept never reaches the mount at all (a
 series re-read took 1.05-1.1x a local disk's time so in the same measurement, against 2x).
 
-What it owns: the table of those handles. A file's first READ opens it in the store, once however many
-threads read a new file at once (the first opens it, the others wait for that, within their deadline);
-a read holds the handle while it uses it; a read that fails drops it, so the next read starts afresh.
-A failure is not the file's state either, with one exception: the kernel retries a failed read-ahead
-itself, at once, one page, in the same ``read()`` of the same thread; that one retry fails at once
-with the same error instead of waiting out the deadline a second time. The reader's next read tries
-again. Nothing says when a reader is done (no RELEASE
-comes), so the handles are let go by use: beyond ``keep`` the least recently read unused ones, and any
-unused for ``idle`` seconds, checked at each read. A handle kept a little longer only keeps one open
-fd of a cached file (whose bytes never change), or a reference to a transfer that goes on anyway.
+What it owns: the table of those handles.
+
+* A file's first READ opens it in the store, once however many threads read a new file at once (the
+  first opens it, the others wait for that, within their deadline). A read holds the handle while it
+  uses it; a read that fails drops it, so the next read starts afresh.
+* A failure is not the file's state either, with one exception: the kernel retries a failed
+  read-ahead itself, at once, one page, in the same ``read()`` of the same thread; that one retry
+  fails at once with the same error instead of waiting out the deadline a second time. The reader's
+  next read tries again.
+* Nothing says when a reader is done (no RELEASE comes), so handles are let go by use: beyond
+  ``keep`` the least recently read unused ones, and any unused for ``idle`` seconds, checked at each
+  read. A handle kept a little longer only keeps one open fd of a cached file (whose bytes never
+  change), or a reference to a transfer that goes on anyway.
 
 Pure bookkeeping: what opening and closing mean is the caller's (``opener``/``closer``); no thread of
 its own; the clock is injectable for tests.
