@@ -28,7 +28,7 @@ and without the manifest.
 
 Node identity: ``ino`` is a 63-bit blake2b hash of (namespace, kind, identifiers), stable across
 remounts and never 0 or 1 (1 is the root); an instance file's has its position in its series' name
-order in its low bits (:func:`series_file_ino`: ``cp -r`` reads a folder in inode order); ``mtime``
+order in its low bits (:func:`series_file_inos`: ``cp -r`` reads a folder in inode order); ``mtime``
 comes from metadata dates, never from now().
 """
 
@@ -157,16 +157,17 @@ class RefreshReport:
 POSITION_BITS = 24
 
 
-def series_file_ino(namespace: str, ids: tuple[object, ...], position: int, sop_uid: str) -> int:
-    """The inode number of the file at ``position`` in the name order of the series ``ids`` names.
+def series_file_inos(namespace: str, ids: tuple[object, ...], sop_uids: Sequence[str]) -> list[int]:
+    """The inode numbers of a series' files (``ids`` name the series), given in name order.
 
     Programs that copy a folder read its files in inode order (``cp -r`` sorts them so, for the disk's
     sake): numbered in name order, they read a series in its reading order, which the read-ahead
-    follows, instead of at random. Stable across remounts (a series never changes); a series of more
-    than 2**24 files numbers the rest by hash."""
-    if position >= (1 << POSITION_BITS) - 2:
-        return stable_ino(namespace, "instance", *ids, sop_uid)
-    return (stable_ino(namespace, "series files", *ids) & ~((1 << POSITION_BITS) - 1)) | (position + 2)
+    follows, instead of at random. Each is the series' own hash with the file's position in its low
+    bits; stable across remounts (a series never changes); past 2**24 - 2 files, hashes alone."""
+    base = stable_ino(namespace, "series files", *ids) & ~((1 << POSITION_BITS) - 1)
+    limit = (1 << POSITION_BITS) - 2
+    return [base | (position + 2) if position < limit else stable_ino(namespace, "instance", *ids, sop_uid)
+            for position, sop_uid in enumerate(sop_uids)]
 
 
 def stable_ino(namespace: str, kind: str, *ids: object) -> int:
@@ -504,15 +505,15 @@ class Catalog:
         series_uid = node.series_uid
         assert series_uid is not None
         records = self._load("instances", (series_uid,), lambda: self._fetch_instances(node), Instance)
-        named = naming.instance_filenames(records, self.layout)
-        ids = (node.collection, node.patient_id, node.study_uid, series_uid)
-        return {name: Node("instance", _join(node.path, name),
-                           series_file_ino(self.namespace, ids, position, i.sop_uid),
+        named = sorted(naming.instance_filenames(records, self.layout).items())
+        inos = series_file_inos(self.namespace, (node.collection, node.patient_id, node.study_uid, series_uid),
+                                [i.sop_uid for _, i in named])
+        return {name: Node("instance", _join(node.path, name), ino,
                            node.mtime, size=int(i.size or 0),
                            collection=node.collection, patient_id=node.patient_id,
                            study_uid=node.study_uid, series_uid=series_uid, sop_uid=i.sop_uid,
                            instance_number=i.number, record=i)
-                for position, (name, i) in enumerate(sorted(named.items()))}
+                for (name, i), ino in zip(named, inos)}
 
     def _meta_node(self, parent: Node, name: str, kind: str) -> Node:
         """A metadata file (or the ``.nbiafs`` folder) beside the images of ``parent``."""
