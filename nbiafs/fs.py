@@ -418,11 +418,16 @@ class NbiaFS(fuse.Operations):
         if node.kind != "instance":
             raise IsDirectoryError(path)
         wait = float(getattr(self.store, "open_timeout", DEFAULT_OPEN_WAIT))
+        data: bytes | None = None
         with self._opened.use(path, lambda: self._open_instance(path, node), wait, reader=_reader,
                               retried=size > PAGE_SIZE) as (handle, true):
             told = self._told_wrong.get(path) if self._told_wrong else None
             if told is None or offset + size < min(told, true):
-                return self.store.read(handle, size, offset)
+                data = self.store.read(handle, size, offset)
+        if data is not None:
+            if offset + size >= true:  # read to its end: the kernel holds its pages now
+                self._opened.let_go(path)
+            return data
         # The kernel believes the file ends at ``told``: it would cut this reader there, or fill the rest
         # with zeros. An error, never wrong bytes, until it has asked the true size (not one the handle
         # shows: it retries a failed read-ahead page by page, so a reader often gets every byte at once

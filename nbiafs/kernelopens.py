@@ -17,10 +17,12 @@ What it owns: the table of those handles.
   read-ahead itself, at once, one page, in the same ``read()`` of the same thread; that one retry
   fails at once with the same error instead of waiting out the deadline a second time. The reader's
   next read tries again.
-* Nothing says when a reader is done (no RELEASE comes), so handles are let go by use: beyond
-  ``keep`` the least recently read unused ones, and any unused for ``idle`` seconds, checked at each
-  read. A handle kept a little longer only keeps one open fd of a cached file (whose bytes never
-  change), or a reference to a transfer that goes on anyway.
+* Nothing says when a reader is done (no RELEASE comes), so handles are let go by use: at once once
+  a file was read to its end (the kernel holds its pages; the caller says so), else beyond ``keep``
+  the least recently read unused ones, and any unused for ``idle`` seconds, checked at each read.
+  A handle kept a little longer only keeps one open fd of a cached file (whose bytes never change;
+  one evicted from the cache meanwhile holds its disk space until then), or a reference to a
+  transfer that goes on anyway.
 
 Pure bookkeeping: what opening and closing mean is the caller's (``opener``/``closer``); no thread of
 its own; the clock is injectable for tests.
@@ -42,9 +44,9 @@ log = logging.getLogger(__name__)
 #: libfuse 3 capability: the kernel lets an ``open`` answered ENOSYS stand for every later open.
 FUSE_CAP_NO_OPEN_SUPPORT = 1 << 17
 #: Unused handles kept, the most recently read ones (a reader of many files at once keeps its own).
-KEEP = 64
+KEEP = 16
 #: An unused handle is let go after this many seconds.
-IDLE = 30.0
+IDLE = 10.0
 #: The kernel retries a failed read-ahead at once, one page, in the same read() of the same thread: a
 #: read-ahead that failed (its open, or its bytes) fails that retry at once (within this many seconds)
 #: instead of waiting out the deadline a second time.
@@ -182,6 +184,17 @@ class KernelOpens(Generic[Info]):
                 self._closer(handle)
             except Exception:
                 log.warning("could not let go of handle %d", handle, exc_info=True)
+
+    def let_go(self, key: Hashable) -> None:
+        """Let go of ``key``'s handle once its reads are done (the file was read to its end: the kernel
+        holds its pages, and a later read opens it again)."""
+        closing: list[int] = []
+        with self._lock:
+            slot = self._slots.pop(key, None)
+            if slot is not None and not slot.users and slot.handle is not None:
+                closing.append(slot.handle)
+                slot.handle = None
+        self._close(closing)
 
     def close(self) -> None:
         """Let go of every handle; later uses fail (the file system is being unmounted)."""

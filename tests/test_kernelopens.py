@@ -237,3 +237,19 @@ def test_close():
     with pytest.raises(OSError, match="closing"):
         with table.use("/d", files.opener("/d"), 1):
             pass
+
+
+def test_a_file_read_to_its_end_is_let_go_at_once_or_by_its_last_reader():
+    table, files, _ = make()
+    with table.use("/a", files.opener("/a"), 1):
+        pass
+    table.let_go("/a")
+    assert files.closed == [1] and len(table) == 0
+    held = table.use("/b", files.opener("/b"), 1)
+    held.__enter__()
+    table.let_go("/b")  # another read is still on it
+    assert files.closed == [1]
+    held.__exit__(None, None, None)
+    assert files.closed == [1, 2]
+    with table.use("/b", files.opener("/b"), 1) as (handle, _):  # a later read opens it again
+        assert handle == 3
