@@ -13,10 +13,10 @@ thread's Python state for the next request (:mod:`nbiafs.threadstate`: building 
 most of a warm open's cost), but past that module's bound a thread still gets a fresh one per
 callback: nothing here keeps ``threading.local`` state between callbacks.
 
-With ``--kernel-opens`` (and a kernel that offers FUSE ``no_open``) the first ``open`` is answered
-ENOSYS: the kernel then opens every file itself, keeps its pages and sends reads with handle 0, and a
-file's store handle is made at its first read (:mod:`nbiafs.kernelopens`). The metadata files then
-never change length (:mod:`nbiafs.keptfiles`).
+Where the kernel offers FUSE ``no_open`` (and unless ``--no-kernel-opens``), the first ``open`` is
+answered ENOSYS: the kernel then opens every file itself, keeps its pages and sends reads with handle
+0, and a file's store handle is made at its first read (:mod:`nbiafs.kernelopens`). The metadata files
+then never change length (:mod:`nbiafs.keptfiles`).
 
 A file whose bytes turn out longer or shorter than the metadata said (a complete body by its own
 Content-Length: the metadata was wrong) is opened with ``direct_io``, so the reader gets every true
