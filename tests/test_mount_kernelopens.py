@@ -1,8 +1,9 @@
 """Through a real mount: files the kernel opens itself (FUSE no_open, the default where the kernel can).
 
 A re-read comes from the page cache without a request to the mount; a failure shows at the first read
-(never as an empty or short file) and is not remembered; metadata files show new content to each read
-and are never read torn; a file of another size than its metadata said is never served cut or padded.
+(never as an empty or short file) and is not remembered; metadata files never change length, and
+stats.json shows new counters to each read; a file of another size than its metadata said is never
+served cut or padded.
 ``--no-kernel-opens`` asks the mount at every open, as before. Every test uses its own emulator (its
 request counts are the test's)."""
 
