@@ -64,7 +64,7 @@ from .readahead import (
     wants_zip,
     zip_limit,
 )
-from .readsoon import ReadSoon
+from .readsoon import ReadSoon, will_need
 from .ref import InstanceRef
 from .ref import ids as _ids
 from .zipfetch import ZipFetch
@@ -724,7 +724,7 @@ class InstanceStore(CacheJobs):
             return None
         self._note_length(node, length)
         self._index.touch(entry)
-        _read_soon(fd, length)
+        will_need(fd, min(length, READ_SOON))
         return FileHandle(fd, length)
 
     # ----------------------------------------------------------------- what the cache holds
@@ -787,12 +787,3 @@ def _instance_number(stream: BinaryIO, sop_uid: str) -> int | None:
     except Exception as exc:  # noqa: BLE001 - a malformed header must not hide the file: it sorts last
         log.info("no InstanceNumber in %s: %s", sop_uid, exc)
         return None
-
-
-def _read_soon(fd: int, length: int) -> None:
-    """Ask the kernel to read the start of a cached file now (after a remount its pages are cold, and
-    each FUSE read would otherwise wait for the disk in turn); a hint: failure changes nothing."""
-    try:
-        os.posix_fadvise(fd, 0, min(length, READ_SOON), os.POSIX_FADV_WILLNEED)
-    except (OSError, AttributeError):  # AttributeError: a platform without posix_fadvise
-        pass
