@@ -153,9 +153,8 @@ class KernelOpens(Generic[Info]):
             slot.used = self._clock()
             if failed and self._slots.get(key) is slot:
                 del self._slots[key]
-            if self._slots.get(key) is not slot and not slot.users and slot.handle is not None:
-                closing.append(slot.handle)  # let go of (failed, forgotten, closed): its last user closes it
-                slot.handle = None
+            if self._slots.get(key) is not slot:  # let go of (failed, read to its end, closed)
+                closing.extend(_unused_handle(slot))
             closing.extend(self._trim())
         self._close(closing)
 
@@ -171,8 +170,7 @@ class KernelOpens(Generic[Info]):
             if excess <= 0 and now - slot.used < self._idle:
                 break  # the rest were read more recently
             going.append(key)
-            closing.append(slot.handle)
-            slot.handle = None
+            closing.extend(_unused_handle(slot))
             excess -= 1
         for key in going:
             del self._slots[key]
@@ -188,12 +186,9 @@ class KernelOpens(Generic[Info]):
     def let_go(self, key: Hashable) -> None:
         """Let go of ``key``'s handle once its reads are done (the file was read to its end: the kernel
         holds its pages, and a later read opens it again)."""
-        closing: list[int] = []
         with self._lock:
             slot = self._slots.pop(key, None)
-            if slot is not None and not slot.users and slot.handle is not None:
-                closing.append(slot.handle)
-                slot.handle = None
+            closing = _unused_handle(slot) if slot is not None else []
         self._close(closing)
 
     def close(self) -> None:
@@ -201,9 +196,14 @@ class KernelOpens(Generic[Info]):
         with self._lock:
             self._closed = True
             slots, self._slots = list(self._slots.values()), collections.OrderedDict()
-            closing: list[int] = []
-            for slot in slots:  # one in use is closed by its last user
-                if not slot.users and slot.handle is not None:
-                    closing.append(slot.handle)
-                    slot.handle = None
+            closing = [h for slot in slots for h in _unused_handle(slot)]
         self._close(closing)
+
+
+def _unused_handle(slot: _Slot[Any]) -> list[int]:
+    """(lock held) The handle of a slot taken out of the table, to close now: none while a read still
+    uses it (its last reader closes it then) or once closed."""
+    if slot.users or slot.handle is None:
+        return []
+    handle, slot.handle = slot.handle, None
+    return [handle]
