@@ -7,10 +7,13 @@ Scenarios (``--only NAME ...``; all by default, in this order):
              (pydicom ``stop_before_pixels``) on a mount with ``--cache-size 20M``: bytes and instances
              the mount fetches (until it goes quiet) against the bytes of the files opened (<= 1.5x).
 ``cold``     the 200-instance ``ct200`` series read file after file in name order (1 MiB reads) on a
-             fresh cache, against one ``getImage`` zip of it streamed and extracted by ``NbiaClient``
-             (what tcia_utils and the Data Retriever do), at ``--latency`` in three network shapes:
-             (a) no cap (<= 0.9x the zip), (b) one shared 400 Mbps link (<= 0.9x; both also against
-             the link's own limit), (c) 100 Mbps per connection (<= 0.35x the zip).
+             fresh cache, against tcia_utils' ``downloadSeries`` of it (one ``getImage`` zip read
+             whole, then extracted: the package itself when installed, ``pip install -e '.[bench]'``,
+             else those two steps replicated), and against the same zip streamed and extracted as it
+             arrives by ``NbiaClient`` (stricter: neither bulk downloader overlaps the two), at
+             ``--latency`` in three network shapes: (a) no cap (<= 0.9x), (b) one shared 400 Mbps
+             link (<= 0.9x; all also against the link's own limit), (c) 100 Mbps per connection
+             (<= 0.35x).
 ``ttfb``     open + read(1) of an uncached first file of a listed series (a fresh mount per sample,
              over a copy of a cache that holds the listings only) against one bare ``getSingleImage``
              request's first byte (median of several instances; <= 1.2x).
