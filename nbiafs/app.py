@@ -13,7 +13,6 @@ Nothing here starts a thread: :meth:`Layers.start` does, after the mount process
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 
 from .auth import TokenManager
@@ -22,10 +21,9 @@ from .client import NbiaClient
 from .config import GUEST_USER, Settings
 from .metacache import MetadataCache
 from .metafiles import MetaFiles
+from .stopping import stop_in_order
 from .store import InstanceStore
 from .walkahead import WalkAhead
-
-log = logging.getLogger(__name__)
 
 #: Seconds a thread waiting for another thread's download allows beyond the client's deadline (the
 #: leader's fetch is bounded by that deadline; the margin covers writing the bytes to the cache).
@@ -61,17 +59,11 @@ class Layers:
 
     def close(self) -> None:
         """Stop everything in the order the module docstring gives; safe to call twice."""
-        for name, stop in (("HTTP client", self.client.close),
-                           ("walk-ahead", self.walker.stop if self.walker is not None else None),
-                           ("store", self.store.close),
-                           ("token manager", self.tokens.close if self.tokens is not None else None),
-                           ("metadata cache", self.meta.close)):
-            if stop is None:
-                continue
-            try:
-                stop()
-            except Exception:
-                log.exception("error while stopping the %s", name)
+        stop_in_order((("HTTP client", self.client.close),
+                       ("walk-ahead", self.walker.stop if self.walker is not None else None),
+                       ("store", self.store.close),
+                       ("token manager", self.tokens.close if self.tokens is not None else None),
+                       ("metadata cache", self.meta.close)))
 
 
 def make_client(settings: Settings, password: str = "") -> tuple[TokenManager | None, NbiaClient]:

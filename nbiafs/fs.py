@@ -49,6 +49,7 @@ from .errors import (
     errno_for,
 )
 from .kernelopens import FUSE_CAP_NO_OPEN_SUPPORT, KernelOpens
+from .stopping import stop_in_order
 from .threadstate import ThreadStates
 
 log = logging.getLogger(__name__)
@@ -214,17 +215,11 @@ class NbiaFS(fuse.Operations):
         """Stop everything: first ``stop_first`` (the HTTP client: it cuts transfers in flight, so no
         worker is left waiting for a stalled server), then the store's workers, then the token
         refresher (logging out)."""
-        for name, stop in (("HTTP client", self._stop_first),
-                           ("files the kernel opened", self._opened.close),
-                           ("metadata files", getattr(self.meta, "close", None)),
-                           ("store", getattr(self.store, "close", None)),
-                           ("tokens", getattr(self.tokens, "close", None))):
-            if stop is None:
-                continue
-            try:
-                stop()
-            except Exception:
-                log.exception("error while stopping the %s", name)
+        stop_in_order((("HTTP client", self._stop_first),
+                       ("files the kernel opened", self._opened.close),
+                       ("metadata files", getattr(self.meta, "close", None)),
+                       ("store", getattr(self.store, "close", None)),
+                       ("tokens", getattr(self.tokens, "close", None))))
         if self._on_destroy is not None:
             try:
                 self._on_destroy()
