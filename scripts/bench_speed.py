@@ -44,6 +44,7 @@ import argparse
 import collections
 import importlib.metadata
 import io
+import logging
 import multiprocessing
 import os
 import platform
@@ -379,6 +380,25 @@ def tcia_utils_kind() -> str:
         return "tcia_utils' downloadSeries, replicated (tcia_utils not installed)"
 
 
+def import_tcia_utils() -> Any:
+    """``tcia_utils.nbia``, or None when it is not installed. Its import (pandas, plotly: seconds) runs
+    before any clock, and undoes the ``logging.basicConfig(level=INFO)`` it runs: its own lines and
+    urllib3's would otherwise be printed (and paid for) in the middle of the figures."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        import tcia_utils.nbia as tu
+    except ImportError:
+        return None
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+    logging.getLogger("tcia_utils").setLevel(logging.WARNING)
+    return tu
+
+
 def tcia_utils_download(emu: EmulatorProcess, series: Any,
                         dest: Path) -> tuple[float, list[Path], Traffic, tuple[float, float]]:
     """tcia_utils' ``downloadSeries`` of one series, the issue's baseline: one ``getImage?NewFileNames=Yes``
@@ -387,10 +407,7 @@ def tcia_utils_download(emu: EmulatorProcess, series: Any,
     emulator's v4, as the package only knows TCIA's hosts); without it, those two steps of its
     ``_download_and_unzip_series`` (3.3.5) replicated. Same return as ``zip_download``."""
     base = f"{emu.url}/nbia-api/services/v4/"
-    try:
-        import tcia_utils.nbia as tu  # heavy import (pandas, plotly): before the clock
-    except ImportError:
-        tu = None
+    tu = import_tcia_utils()
     before = emu.traffic()
     cpu = cpu_seconds(os.getpid()), cpu_seconds(emu.pid)
     started = time.perf_counter()
