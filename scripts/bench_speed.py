@@ -373,11 +373,15 @@ def zip_download(emu: EmulatorProcess, series: Any, count: int,
 
 
 def tcia_utils_kind() -> str:
-    """Which tcia_utils baseline this run times: the installed package itself, or its replica."""
-    try:
-        return f"tcia_utils {importlib.metadata.version('tcia_utils')} downloadSeries"
-    except importlib.metadata.PackageNotFoundError:  # not installed (pip install tcia_utils, or the [bench] extra)
+    """Which tcia_utils baseline this run times: the installed package itself, or its replica (the
+    same test as ``tcia_utils_download``: whether it imports)."""
+    if import_tcia_utils() is None:  # pip install tcia_utils, or the [bench] extra
         return "tcia_utils' downloadSeries, replicated (tcia_utils not installed)"
+    try:
+        version = importlib.metadata.version("tcia_utils")
+    except importlib.metadata.PackageNotFoundError:  # importable from a source tree, not installed
+        version = "(source tree)"
+    return f"tcia_utils {version} downloadSeries"
 
 
 def import_tcia_utils() -> Any:
