@@ -13,7 +13,8 @@ Scenarios (``--only NAME ...``; all by default, in this order):
              arrives by ``NbiaClient`` (stricter: neither bulk downloader overlaps the two), at
              ``--latency`` in three network shapes: (a) no cap (<= 0.9x), (b) one shared 400 Mbps
              link (<= 0.9x; all also against the link's own limit), (c) 100 Mbps per connection
-             (<= 0.35x).
+             (<= 0.35x). ``--link`` and ``--per-connection`` time (b) and (c) at other caps, against
+             the same targets.
 ``ttfb``     open + read(1) of an uncached first file of a listed series (a fresh mount per sample,
              over a copy of a cache that holds the listings only) against one bare ``getSingleImage``
              request's first byte (median of several instances; <= 1.2x).
@@ -109,12 +110,18 @@ PROFILES = {
 LINK_400MBPS = 50_000_000        # bytes/s: one shared 400 Mbps link
 CONN_100MBPS = 12_500_000        # bytes/s: each connection at 100 Mbps
 BIG_200MBPS = 25_000_000         # bytes/s: the big instance's link
-#: Network shapes of the cold read: key, what it is, emulator caps, target (x the zip).
-SHAPES: tuple[tuple[str, str, dict[str, float], float], ...] = (
-    ("a", "no bandwidth cap", {}, 0.9),
-    ("b", "one shared 400 Mbps link", {"link": LINK_400MBPS}, 0.9),
-    ("c", "100 Mbps per connection", {"per_connection": CONN_100MBPS}, 0.35),
-)
+
+
+def cold_shapes(link: float = LINK_400MBPS,
+                per_connection: float = CONN_100MBPS) -> tuple[tuple[str, str, dict[str, float], float], ...]:
+    """Network shapes of the cold read: key, what it is, emulator caps, target (x tcia_utils). The
+    targets are issue 7's, for its caps (400 Mbps shared, 100 Mbps per connection); ``--link`` and
+    ``--per-connection`` time other caps against the same targets."""
+    return (
+        ("a", "no bandwidth cap", {}, 0.9),
+        ("b", f"one shared {link * 8 / 1e6:g} Mbps link", {"link": link}, 0.9),
+        ("c", f"{per_connection * 8 / 1e6:g} Mbps per connection", {"per_connection": per_connection}, 0.35),
+    )
 
 
 # ------------------------------------------------------------------------------- the run
@@ -476,7 +483,8 @@ def scenario_cold(run: Run) -> None:
     series = archive.series[0]
     instances = archive.instances_of(series.uid)
     total = sum(i.size for i in instances)
-    shapes = [s for s in SHAPES if s[0] in run.args.shapes]
+    shapes = [s for s in cold_shapes(run.args.link * 1e6 / 8, run.args.per_connection * 1e6 / 8)
+              if s[0] in run.args.shapes]
     with run.emulator("ct200") as emu:
         for key, label, caps, limit in shapes:
             applied = emu.shape(latency=run.latency, **caps)
@@ -917,6 +925,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="the series cold and warm read, as an emulator profile spec (default ct200: 200 x "
                              "525 KB), e.g. ct200:instances=600,rows=256 for 600 files of 131 KB")
     parser.add_argument("--shapes", default="abc", help="network shapes of the cold read (default abc)")
+    parser.add_argument("--link", type=float, default=LINK_400MBPS * 8 / 1e6, metavar="MBPS",
+                        help="the shared link of cold (b), in Mbit/s (default 400, the issue's)")
+    parser.add_argument("--per-connection", type=float, default=CONN_100MBPS * 8 / 1e6, metavar="MBPS",
+                        help="each connection's cap in cold (c), in Mbit/s (default 100, the issue's)")
     parser.add_argument("--ttfb-samples", type=int, default=None, help="instances timed by ttfb (default 7, quick 3)")
     parser.add_argument("--readers", type=int, default=8, help="reader processes of the readers scenario (default 8)")
     parser.add_argument("--picks", type=int, default=None, help="files each reader reads (default 40, quick 10)")
