@@ -57,6 +57,35 @@ def test_zip_and_singles_win_when_faster_and_on_a_tie() -> None:
         assert trial.phase == BOTH and trial.singles_allowed, (alone, mixed)
 
 
+def test_a_clear_loss_ends_mixed_early_and_a_gain_or_a_near_tie_is_looked_at_for_the_whole_span() -> None:
+    def mixed_after(alone: float, mixed: float, seconds: float) -> Trial:
+        trial = Trial(settle_sources=1)  # the real spans: 0.15 s alone, 0.3 s mixed, 0.1 s early
+        trial.add(0.0, 1, via_zip=True)
+        t = feed(trial, 0.0, 0.16, alone, via_zip=True)
+        assert trial.phase == MIXED
+        trial.add(t, 1, via_zip=False)
+        feed(trial, t, seconds, mixed, via_zip=False)
+        return trial
+
+    # one shared 200 Mbps link: zip and singles bring about half the zip alone's files
+    trial = mixed_after(54 * MB, 29 * MB, 0.06)
+    assert trial.phase == MIXED  # not before the early span
+    trial = mixed_after(54 * MB, 29 * MB, 0.12)
+    assert trial.phase == ZIP_ONLY and 25 * MB < trial.mixed_rate < 33 * MB
+    # a small loss, a tie or a gain: not decided early, whatever the first tenth of a second showed
+    for mixed in (45 * MB, 54 * MB, 120 * MB):
+        assert mixed_after(54 * MB, mixed, 0.2).phase == MIXED, mixed
+    assert mixed_after(54 * MB, 45 * MB, 0.32).phase == ZIP_ONLY  # the whole span: the margin decides
+    assert mixed_after(54 * MB, 120 * MB, 0.32).phase == BOTH
+    # too few bytes for an early verdict: the early span is not enough on its own
+    trial = Trial(settle_sources=1, min_bytes=8 * MB)
+    trial.add(0.0, 1, via_zip=True)
+    t = feed(trial, 0.0, 0.5, 20 * MB, via_zip=True)
+    trial.add(t, 1, via_zip=False)
+    feed(trial, t, 0.12, 10 * MB, via_zip=False)
+    assert trial.phase == MIXED
+
+
 def test_a_slow_link_is_measured_longer_but_not_for_ever() -> None:
     trial = Trial(span=0.099, mixed_span=0.099, min_bytes=2 * MB)
     trial.add(0.0, 1, via_zip=True)

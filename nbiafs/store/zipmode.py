@@ -19,7 +19,11 @@ arriving (what the reader gets, whichever way they come):
   them (measured from their first byte, a shared link looked as fast with singles as without).
 
 The faster wins for the rest of that zip; a tie (within ``margin``) goes to MIXED, which does not
-rest on one connection. A phase ends only once it saw ``min_bytes`` (a slow link gets a longer look),
+rest on one connection. A clear loss ends MIXED early: once it has run ``early_span`` (and seen
+``min_bytes``), zip and singles bringing less than ``early_ratio`` of what the zip alone brought
+means one shared bottleneck (on a 200 Mbps link they bring about half), and every further moment of
+uncompressed singles on it costs the reader; a gain or a near tie is always looked at for the
+whole span, as singles come and go between their round trips. A phase ends only once it saw ``min_bytes`` (a slow link gets a longer look),
 or after ten times its span whatever it saw. Opens of the reader are never held: only read-ahead is.
 The store keeps a verdict for the zips that start within five minutes after it (the network seldom
 changes between two series of one reading): they start decided, without the trial's cost. Pure (no
@@ -35,6 +39,10 @@ SPAN = 0.15
 #: ... and zip and singles together (longer: singles come and go between their round trips, so a
 #: short look is noisy; where the zip alone is faster, this is what it costs).
 MIXED_SPAN = 0.3
+#: MIXED ends early, for the zip alone, once it ran this long and brought less than EARLY_RATIO of
+#: the zip alone's rate: a clear loss needs no longer look.
+EARLY_SPAN = 0.1
+EARLY_RATIO = 0.75
 #: Bytes each phase must see before it ends (unless it ran 10 x SPAN).
 MIN_BYTES = 1 << 20
 #: The zip alone must be this much faster than zip and singles together to be kept alone.
@@ -58,6 +66,8 @@ class Trial:
     mixed_span: float = MIXED_SPAN
     min_bytes: int = MIN_BYTES
     margin: float = MARGIN
+    early_span: float = EARLY_SPAN
+    early_ratio: float = EARLY_RATIO
     settle_sources: int = SETTLE_SOURCES
     phase: str = ALONE
     #: when the current phase's measurement began (None: waiting for its first byte)
@@ -102,9 +112,15 @@ class Trial:
         self.counted += nbytes
         elapsed = now - self.since
         span = self.span if self.phase == ALONE else self.mixed_span
+        rate = self.counted / elapsed if elapsed > 0 else 0.0
+        if self.phase == MIXED and self.early_span <= elapsed < span and self.counted >= self.min_bytes \
+                and rate < self.alone_rate * self.early_ratio:
+            self.since, self.counted = None, 0
+            self.mixed_rate = rate
+            self.phase = ZIP_ONLY
+            return True
         if elapsed < span or (self.counted < self.min_bytes and elapsed < 10 * span):
             return False
-        rate = self.counted / elapsed if elapsed > 0 else 0.0
         self.since, self.counted = None, 0
         if self.phase == ALONE:
             self.alone_rate = rate
