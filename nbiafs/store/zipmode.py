@@ -24,8 +24,8 @@ rest on one connection. A clear loss ends MIXED early: once it has run ``early_s
 means one shared bottleneck (on a 200 Mbps link they bring about half), and every further moment of
 uncompressed singles on it costs the reader; a gain or a near tie is always looked at for the
 whole span, as singles come and go between their round trips. A phase ends only once it saw
-``min_bytes`` (a slow link gets a longer look), or after ten times its span whatever it saw. Opens of the reader are never held: only read-ahead is.
-The store keeps a verdict for the zips that start within five minutes after it (the network seldom
+``min_bytes`` (a slow link gets a longer look), or after ten times its span whatever it saw. Opens
+of the reader are never held: only read-ahead is. The store keeps a verdict for the zips that start within five minutes after it (the network seldom
 changes between two series of one reading): they start decided, without the trial's cost. Pure (no
 threads, no clock of its own): fed with (time, bytes, how they came), tested alone.
 """
@@ -113,13 +113,9 @@ class Trial:
         elapsed = now - self.since
         span = self.span if self.phase == ALONE else self.mixed_span
         rate = self.counted / elapsed if elapsed > 0 else 0.0
-        if self.phase == MIXED and self.early_span <= elapsed < span and self.counted >= self.min_bytes \
-                and rate < self.alone_rate * self.early_ratio:
-            self.since, self.counted = None, 0
-            self.mixed_rate = rate
-            self.phase = ZIP_ONLY
-            return True
-        if elapsed < span or (self.counted < self.min_bytes and elapsed < 10 * span):
+        clear_loss = (self.phase == MIXED and elapsed >= self.early_span and self.counted >= self.min_bytes
+                      and rate < self.alone_rate * self.early_ratio)
+        if not clear_loss and (elapsed < span or (self.counted < self.min_bytes and elapsed < 10 * span)):
             return False
         self.since, self.counted = None, 0
         if self.phase == ALONE:
@@ -127,7 +123,8 @@ class Trial:
             self.phase = MIXED
         else:
             self.mixed_rate = rate
-            self.phase = ZIP_ONLY if self.alone_rate > self.mixed_rate * (1.0 + self.margin) else BOTH
+            zip_faster = clear_loss or self.alone_rate > self.mixed_rate * (1.0 + self.margin)
+            self.phase = ZIP_ONLY if zip_faster else BOTH
         return True
 
     def describe(self) -> str:
