@@ -182,7 +182,8 @@ class Prefetcher:
             size = self._ahead.pop(key, None)
             if size is not None:
                 self.budget.opened(size)
-                self._cond.notify_all()
+                if self._queued:  # only a queued item can have waited for the budget
+                    self._cond.notify_all()
 
     def note_ahead(self, key: Hashable, size: int) -> None:
         """A file fetched ahead another way (the series zip) waits to be opened: it counts in the budget."""
@@ -246,4 +247,5 @@ class Prefetcher:
                 self.budget.ended(item.size, kept)
                 if kept:
                     self._ahead[item.key] = item.size
-                self._cond.notify_all()
+                if self._queued or not self._running:  # a queued item's budget, or idle()'s waiters
+                    self._cond.notify_all()
