@@ -11,6 +11,7 @@ from nbiafs.store.readahead import (
     byte_offsets,
     finished_in_order,
     plan,
+    read_soon_range,
     walk_on,
     wants_zip,
     zip_limit,
@@ -182,3 +183,48 @@ def test_a_scan_after_a_walk_pays_for_one_guessed_series_then_the_sign_is_gone()
     walked_on = ReaderState(last=40, window=16, asked=56)  # the reader went on through B: C is next
     kept, start, abandoned = walk_on(sign, 101.0, "C", 0, walked_on)
     assert kept == WalkOn(100.0, "C") and start is not None and abandoned is None
+
+
+def hints_of_a_walk(count: int, opens: list[int], size: int, limit: int) -> list[list[int]]:
+    """The positions :func:`read_soon_range` hints after each open (files of ``size`` bytes)."""
+    offsets = byte_offsets([size] * count)
+    state: ReaderState | None = None
+    hinted = -1
+    out = []
+    for position in opens:
+        state, _ = plan(state, position, count)
+        start = hinted if state.window and hinted >= 0 else position
+        soon = read_soon_range(state, offsets, start, limit)
+        hinted = soon[-1] if soon else max(start, position)
+        out.append(list(soon))
+    return out
+
+
+def test_cached_files_are_hinted_a_bounded_distance_ahead_one_more_per_open() -> None:
+    hints = hints_of_a_walk(200, list(range(40)), size=100, limit=500)  # 5 files' worth ahead at most
+    assert hints[0] == []  # a first open: no window, nothing asked of the disk
+    assert hints[1] == [2, 3]  # the first window (2 files) is within the bound
+    flat = [p for h in hints for p in h]
+    assert flat == sorted(set(flat))  # each file hinted once, in reading order
+    for opened, h in enumerate(hints):
+        assert all(opened < p <= opened + 5 for p in h)  # never past the bound, never behind the reader
+    assert all(len(h) == 1 for h in hints[8:])  # walking on: one more file per open, not a window at once
+    assert flat[-1] == 39 + 5
+
+
+def test_hints_stay_within_the_window_and_a_jump_asks_for_nothing() -> None:
+    offsets = byte_offsets([100] * 50)
+    state, _ = plan(None, 0, 50)
+    state, _ = plan(state, 1, 50)  # window of FIRST_WINDOW: positions 2, 3
+    assert list(read_soon_range(state, offsets, 1, 10_000)) == [2, 3]  # a large bound: the window's end
+    jumped, _ = plan(state, 30, 50)
+    assert list(read_soon_range(jumped, offsets, 30, 10_000)) == []
+    last, _ = plan(ReaderState(47, 8, 49), 48, 50)
+    assert list(read_soon_range(last, offsets, 49, 10_000)) == []  # everything hinted already
+
+
+def test_the_next_file_is_hinted_whatever_its_size() -> None:
+    offsets = byte_offsets([10] + [1 << 30] * 5)  # files far bigger than the bound
+    state, _ = plan(None, 0, 6)
+    state, _ = plan(state, 1, 6)
+    assert list(read_soon_range(state, offsets, 1, 1 << 20)) == [2]

@@ -495,6 +495,25 @@ def test_a_reader_walking_in_order_is_read_ahead_of_and_each_file_is_fetched_onc
     assert sum(store.contains(n) for n in SIBLINGS[30:]) >= 16  # the window ran ahead of the reader
 
 
+def test_a_reader_of_a_cached_series_has_its_next_files_hinted_to_the_disk_a_few_at_a_time(make_store, client,
+                                                                                           monkeypatch):
+    monkeypatch.setattr("nbiafs.store.READ_SOON_AHEAD", 4 * 5000)  # four files ahead at most
+    store = make_store(series_zip=False)
+    for n in SIBLINGS[:60]:  # cache them first
+        read_all(store, n)
+    store = make_store(series_zip=False)  # a remount: nothing known of the reader
+    hinted: list[list[str]] = []
+    monkeypatch.setattr(store._read_soon, "hint", lambda paths: hinted.append(list(paths)))
+    for n in SIBLINGS[:40]:
+        read_all(store, n)
+        store.on_open(n, SIBLINGS)
+    flat = [os.path.basename(p) for h in hinted for p in h]
+    expected = [os.path.basename(store.cached_path(n) or "") for n in SIBLINGS[2:44]]
+    assert flat == expected  # every next file once, in order, ending four files past the reader
+    assert max(len(h) for h in hinted) <= 4  # never a whole window at once
+    assert all(fetches(client, n) == 1 for n in SIBLINGS[:60])  # a cached file is not fetched again
+
+
 def test_one_file_per_series_fetches_nothing_ahead(make_store, client):
     store = make_store()
     for i in (0, 50, 3, 120, 77):  # random access, or a header scan

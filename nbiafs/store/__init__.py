@@ -60,6 +60,7 @@ from .readahead import (
     byte_offsets,
     finished_in_order,
     plan,
+    read_soon_range,
     walk_on,
     wants_zip,
     zip_limit,
@@ -82,6 +83,9 @@ READ_AHEAD_SHARE = 0.25
 #: Of a cached file just opened, this much is asked of the disk at once (the kernel reads it while the
 #: reader's first requests come through FUSE): DICOM readers read the whole file, in small requests.
 READ_SOON = 8 << 20
+#: A walking reader's cached files are asked of the disk up to this many bytes ahead of it, one more
+#: file per open (readahead.read_soon_range): a whole window at once made the next file wait behind it.
+READ_SOON_AHEAD = 16 << 20
 #: Bytes being fetched ahead at once, at most (files of any size: one always may be).
 IN_FLIGHT_LIMIT = 64 * 1024 * 1024
 #: open() returns once this much of an instance (or all of it) has arrived: its first bytes.
@@ -186,6 +190,7 @@ class InstanceStore(CacheJobs):
         self._handles = HandleTable()
         self._counters = _Counters()
         self._readers: cachetools.LRUCache[str, ReaderState] = cachetools.LRUCache(READERS)
+        self._hinted: cachetools.LRUCache[str, int] = cachetools.LRUCache(READERS)  # series -> last hinted
         self._walk_on: WalkOn | None = None  # a reader read a series to its end in order lately (readahead)
         # series -> (its listing, position of each instance, byte offsets): computed once per listing
         self._positions: cachetools.LRUCache[str, tuple[Sequence[Any], dict[str, int], list[int]]] = \
@@ -367,6 +372,9 @@ class InstanceStore(CacheJobs):
                 before, walked_on = start, start is not None
             state, ahead = plan(before, position, len(siblings))
             self._readers[series_uid] = state
+            hinted = self._hinted.get(series_uid, position) if state.window else position  # a jump starts over
+            soon = read_soon_range(state, offsets, hinted, READ_SOON_AHEAD)
+            self._hinted[series_uid] = soon[-1] if soon else max(hinted, position)
             if finished_in_order(before, position, len(siblings)):
                 self._walk_on = WalkOn(time.monotonic())
             zf = self._zips.get(series_uid)
@@ -381,21 +389,25 @@ class InstanceStore(CacheJobs):
             zf = self._start_zip(series_uid, siblings)
         if zf is not None:
             zf.allow(zip_limit(state, offsets, self._zip_bytes))
+        cached = [path for path in (self._cached_path_of(siblings[i]) for i in soon) if path is not None]
+        if cached:  # their pages come from the disk while the reader is on the files before
+            self._read_soon.hint(cached)
         if not ahead:
             return 0
         items = []
-        cached = []
         for f in (siblings[i] for i in ahead):
             if not f.series_uid or not f.sop_uid:
                 continue
             path = self._index.path_for(f.series_uid, f.sop_uid)
             if self._index.lookup(path) is None:
                 items.append(Item(path, max(int(f.size or 0), 0), f))
-            else:
-                cached.append(path)
-        if cached:  # their pages come from the disk while the reader is on the files before
-            self._read_soon.hint(cached)
         return self._prefetcher.want(series_uid, items, from_end=zf is not None)
+
+    def _cached_path_of(self, node: InstanceRef) -> str | None:
+        if not node.series_uid or not node.sop_uid:
+            return None
+        path = self._index.path_for(node.series_uid, node.sop_uid)
+        return path if self._index.lookup(path) is not None else None
 
     def prefetch(self, nodes: Iterable[InstanceRef]) -> int:
         """Fetch ``nodes`` in the background (skipping what is cached); returns how many were queued."""
