@@ -5,7 +5,9 @@ Why. After a remount the cache's pages are cold. Where the kernel opens files it
 disk no head start: the read waits for the disk in turn (a ``cp -r`` of a cached 200-file series after
 a remount spent 0.11 s in ``pread`` so, against 0.04 s where the open came a round trip before the
 read). The read-ahead policy knows which files the reader comes to next (its window); the cached ones
-are hinted here, so that their pages are read while the reader is still on the file before.
+among the next few MB (``readahead.read_soon_range``: one more file per open, never a whole window at
+once, which made the next file wait behind the rest in the disk's queue) are hinted here, so that
+their pages are read while the reader is still on the file before.
 
 Shape: one worker thread and a bounded queue of paths (the newest kept: a reader that jumped
 elsewhere makes old hints moot). A hint is only a hint: a file gone since, or a platform without
