@@ -189,13 +189,11 @@ def hints_of_a_walk(count: int, opens: list[int], size: int, limit: int) -> list
     """The positions :func:`read_soon_range` hints after each open (files of ``size`` bytes)."""
     offsets = byte_offsets([size] * count)
     state: ReaderState | None = None
-    hinted = -1
+    hinted: int | None = None
     out = []
     for position in opens:
         state, _ = plan(state, position, count)
-        start = hinted if state.window and hinted >= 0 else position
-        soon = read_soon_range(state, offsets, start, limit)
-        hinted = soon[-1] if soon else max(start, position)
+        hinted, soon = read_soon_range(state, offsets, hinted, limit)
         out.append(list(soon))
     return out
 
@@ -212,19 +210,22 @@ def test_cached_files_are_hinted_a_bounded_distance_ahead_one_more_per_open() ->
     assert flat[-1] == 39 + 5
 
 
-def test_hints_stay_within_the_window_and_a_jump_asks_for_nothing() -> None:
+def test_hints_stay_within_the_window_and_a_jump_starts_over() -> None:
     offsets = byte_offsets([100] * 50)
     state, _ = plan(None, 0, 50)
     state, _ = plan(state, 1, 50)  # window of FIRST_WINDOW: positions 2, 3
-    assert list(read_soon_range(state, offsets, 1, 10_000)) == [2, 3]  # a large bound: the window's end
+    hinted, soon = read_soon_range(state, offsets, None, 10_000)
+    assert list(soon) == [2, 3] and hinted == 3  # a large bound: the window's end
     jumped, _ = plan(state, 30, 50)
-    assert list(read_soon_range(jumped, offsets, 30, 10_000)) == []
+    assert read_soon_range(jumped, offsets, hinted, 10_000) == (30, range(0))
+    again, _ = plan(jumped, 31, 50)  # walking again from there: on from the new place
+    assert list(read_soon_range(again, offsets, 30, 10_000)[1]) == [32, 33]
     last, _ = plan(ReaderState(47, 8, 49), 48, 50)
-    assert list(read_soon_range(last, offsets, 49, 10_000)) == []  # everything hinted already
+    assert list(read_soon_range(last, offsets, 49, 10_000)[1]) == []  # everything hinted already
 
 
 def test_the_next_file_is_hinted_whatever_its_size() -> None:
     offsets = byte_offsets([10] + [1 << 30] * 5)  # files far bigger than the bound
     state, _ = plan(None, 0, 6)
     state, _ = plan(state, 1, 6)
-    assert list(read_soon_range(state, offsets, 1, 1 << 20)) == [2]
+    assert list(read_soon_range(state, offsets, None, 1 << 20)[1]) == [2]

@@ -372,9 +372,8 @@ class InstanceStore(CacheJobs):
                 before, walked_on = start, start is not None
             state, ahead = plan(before, position, len(siblings))
             self._readers[series_uid] = state
-            hinted = self._hinted.get(series_uid, position) if state.window else position  # a jump starts over
-            soon = read_soon_range(state, offsets, hinted, READ_SOON_AHEAD)
-            self._hinted[series_uid] = soon[-1] if soon else max(hinted, position)
+            self._hinted[series_uid], soon = read_soon_range(state, offsets, self._hinted.get(series_uid),
+                                                             READ_SOON_AHEAD)
             if finished_in_order(before, position, len(siblings)):
                 self._walk_on = WalkOn(time.monotonic())
             zf = self._zips.get(series_uid)

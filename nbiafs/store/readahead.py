@@ -149,25 +149,27 @@ def zip_limit(state: ReaderState, offsets: Sequence[int], byte_limit: int) -> in
     return stop
 
 
-def read_soon_range(state: ReaderState, offsets: Sequence[int], hinted: int, byte_limit: int) -> range:
-    """The positions whose cached pages should be asked of the disk now (:mod:`.readsoon`): those of the
-    window asked for, beyond ``hinted`` (the last position hinted before), whose files start within
+def read_soon_range(state: ReaderState, offsets: Sequence[int], hinted: int | None,
+                    byte_limit: int) -> tuple[int, range]:
+    """After an open that left ``state``: the last position hinted so far (pass it back in at the next
+    open; None: nothing hinted yet) and the positions whose cached pages should be asked of the disk now
+    (:mod:`.readsoon`): those of the window asked for, beyond ``hinted``, whose files start within
     ``byte_limit`` bytes past the end of the file being read (``offsets``: :func:`byte_offsets`). The
-    next file always may.
+    next file always may. A jump (no window) asks for nothing and starts over.
 
     Why a bound of its own: the disk serves what it was asked in order. Hinting a whole window at once
     (64, 128 files as it doubles) queued tens of MB ahead of the file the reader needed next, which
     then waited behind them: after a remount with dropped caches, a ``cat`` of a cached series read at
     about half the disk's speed. Kept a few MB ahead, one more file per open, the disk stays busy and
     the next file is always near the front of its queue."""
-    count = len(offsets) - 1
-    first = max(state.last + 1, hinted + 1)
-    stop = min(state.asked + 1, count)
-    if first >= stop:
-        return range(0)
+    if not state.window:
+        return state.last, range(0)
+    done = state.last if hinted is None else max(hinted, state.last)
+    stop = min(state.asked + 1, len(offsets) - 1)
     end = offsets[state.last + 1] + byte_limit  # files starting before this byte are near enough
     near = max(bisect_left(offsets, end), state.last + 2)
-    return range(first, max(first, min(stop, near)))
+    soon = range(done + 1, max(done + 1, min(stop, near)))
+    return (soon[-1] if soon else done), soon
 
 
 @dataclass(slots=True)
