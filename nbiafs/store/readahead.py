@@ -6,7 +6,7 @@ as soon as one file is opened (what nbiafs did before) makes that fast, but a he
 each series: every DICOM indexer, ``dcmdump``, a PACS import) then downloads whole collections, and
 nothing bounded it across series.
 
-The policy, in three parts (mountpoint-s3's prefetcher is the model: a pure plan, a pool apart):
+The policy, in four parts (mountpoint-s3's prefetcher is the model: a pure plan, a pool apart):
 
 * per series, :func:`plan` (pure, tested without threads): the first open of a series fetches that
   file only. An open of the file right after the one opened before (the reader walks in order) grows
@@ -19,6 +19,8 @@ The policy, in three parts (mountpoint-s3's prefetcher is the model: a pure plan
   a second file. The sign lasts :data:`WALK_ON_WITHIN` seconds from the last series read to its end,
   and a reader that leaves the series it was guessed for after its first file (a scan after all) drops
   it: a header scan never pays for it more than once.
+* per series too, :func:`read_soon_range` (pure): which cached files of the window are asked of the
+  disk now (:mod:`.readsoon`), a bounded number of bytes ahead of the reader, one more per open;
 * across series, the :class:`Budget`: one global bound on the bytes being fetched ahead at once and on
   the bytes fetched ahead but not opened yet (a share of the cache, so read-ahead never evicts what is
   being read); the scheduler (:mod:`.prefetcher`) serves the series opened most recently first and drops
