@@ -131,9 +131,11 @@ def test_remount_on_the_same_cache_lists_the_whole_tree_without_calls(fake, cach
 
 def test_an_empty_listing_is_cached(fake, cache_dir, metas):
     fake.archive.add_collection("Empty")
-    cat = Catalog(fake, metas(cache_dir))
+    first = metas(cache_dir)
+    cat = Catalog(fake, first)
     assert cat.children("/Empty") == []
     assert cat.children("/Empty") == []
+    first.close()  # unmount: what it queued for the disk is written (writes are not waited for)
     fresh = FakeNbiaClient(fake.archive)
     assert Catalog(fresh, metas(cache_dir)).children("/Empty") == []
     assert fake.calls["patients"] == 1 and fresh.total_calls() == 0
@@ -430,7 +432,9 @@ def test_client_errors_propagate_and_are_not_cached(cat, fake, error):
 # -- offline -----------------------------------------------------------------------------------------
 
 def test_offline_serves_the_cached_tree_without_calls(fake, cache_dir, metas):
-    before = walk(Catalog(fake, metas(cache_dir)))
+    first = metas(cache_dir)
+    before = walk(Catalog(fake, first))
+    first.close()  # unmount: what it queued for the disk is written
     quiet = FakeNbiaClient(fake.archive)
     offline = Catalog(quiet, metas(cache_dir), offline=True)
     assert walk(offline) == before
@@ -438,7 +442,9 @@ def test_offline_serves_the_cached_tree_without_calls(fake, cache_dir, metas):
 
 
 def test_offline_without_a_cached_listing_is_an_offline_error(fake, cache_dir, metas):
-    Catalog(fake, metas(cache_dir)).children("/Coll-1")
+    first = metas(cache_dir)
+    Catalog(fake, first).children("/Coll-1")
+    first.close()  # unmount: what it queued for the disk is written
     quiet = FakeNbiaClient(fake.archive)
     offline = Catalog(quiet, metas(cache_dir), offline=True)
     assert offline.children("/Coll-1")
