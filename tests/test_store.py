@@ -498,9 +498,10 @@ def test_a_reader_walking_in_order_is_read_ahead_of_and_each_file_is_fetched_onc
 def test_a_reader_of_a_cached_series_has_its_next_files_hinted_to_the_disk_a_few_at_a_time(make_store, client,
                                                                                            monkeypatch):
     monkeypatch.setattr("nbiafs.store.READ_SOON_AHEAD", 4 * 5000)  # four files ahead at most
-    store = make_store(series_zip=False)
+    first = make_store(series_zip=False)
     for n in SIBLINGS[:60]:  # cache them first
-        read_all(store, n)
+        read_all(first, n)
+    first.close()
     store = make_store(series_zip=False)  # a remount: nothing known of the reader
     hinted: list[list[str]] = []
     monkeypatch.setattr(store._read_soon, "hint", lambda paths: hinted.append(list(paths)))
