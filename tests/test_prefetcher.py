@@ -49,8 +49,8 @@ def test_idle_returns_once_the_last_fetch_ends_with_nothing_queued() -> None:
         pool.want("s", [Item("only", 10, None)])
         assert started.wait(WAIT)
         assert not pool.idle(0.05)  # it runs
-        waiter = threading.Thread(target=lambda: out.append(pool.idle(WAIT)))
         out: list[bool] = []
+        waiter = threading.Thread(target=lambda: out.append(pool.idle(WAIT)))
         waiter.start()
         release.set()
         waiter.join(WAIT)
