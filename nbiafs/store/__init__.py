@@ -388,25 +388,25 @@ class InstanceStore(CacheJobs):
             zf = self._start_zip(series_uid, siblings)
         if zf is not None:
             zf.allow(zip_limit(state, offsets, self._zip_bytes))
-        cached = [path for path in (self._cached_path_of(siblings[i]) for i in soon) if path is not None]
+        looked = {i: self._in_cache(siblings[i]) for i in {*soon, *ahead}}  # each position looked up once
+        cached = [path for path, there in (looked[i] for i in soon) if there]
         if cached:  # their pages come from the disk while the reader is on the files before
             self._read_soon.hint(cached)
         if not ahead:
             return 0
         items = []
-        for f in (siblings[i] for i in ahead):
-            if not f.series_uid or not f.sop_uid:
-                continue
-            path = self._index.path_for(f.series_uid, f.sop_uid)
-            if self._index.lookup(path) is None:
-                items.append(Item(path, max(int(f.size or 0), 0), f))
+        for i in ahead:
+            path, there = looked[i]
+            if path and not there:
+                items.append(Item(path, max(int(siblings[i].size or 0), 0), siblings[i]))
         return self._prefetcher.want(series_uid, items, from_end=zf is not None)
 
-    def _cached_path_of(self, node: InstanceRef) -> str | None:
+    def _in_cache(self, node: InstanceRef) -> tuple[str, bool]:
+        """The cache path of ``node`` ("" when it names no instance) and whether the file is there."""
         if not node.series_uid or not node.sop_uid:
-            return None
+            return "", False
         path = self._index.path_for(node.series_uid, node.sop_uid)
-        return path if self._index.lookup(path) is not None else None
+        return path, self._index.lookup(path) is not None
 
     def prefetch(self, nodes: Iterable[InstanceRef]) -> int:
         """Fetch ``nodes`` in the background (skipping what is cached); returns how many were queued."""

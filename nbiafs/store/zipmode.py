@@ -25,9 +25,10 @@ means one shared bottleneck (on a 200 Mbps link they bring about half), and ever
 uncompressed singles on it costs the reader; a gain or a near tie is always looked at for the
 whole span, as singles come and go between their round trips. A phase ends only once it saw
 ``min_bytes`` (a slow link gets a longer look), or after ten times its span whatever it saw. Opens
-of the reader are never held: only read-ahead is. The store keeps a verdict for the zips that start within five minutes after it (the network seldom
-changes between two series of one reading): they start decided, without the trial's cost. Pure (no
-threads, no clock of its own): fed with (time, bytes, how they came), tested alone.
+of the reader are never held: only read-ahead is. The store keeps a verdict for the zips that start
+within five minutes after it (the network seldom changes between two series of one reading): they
+start decided, without the trial's cost. Pure (no threads, no clock of its own): fed with (time,
+bytes, how they came), tested alone.
 """
 
 from __future__ import annotations
