@@ -15,6 +15,15 @@ Parts and their back-pressure:
 * ``workers`` threads (started in :meth:`Prefetcher.start`, after the mount daemonized), each running
   ``fetch(item)`` (the store's single-flight fetch, shared with opens); a fetch's failure is logged and
   counted, never raised: the reader's own open asks again and gets the error.
+
+Waking. A change that may let one more item start (a file fetched ahead was opened: budget freed)
+wakes one idle worker, not all: a worker that takes an item wakes the next one while items are
+queued, so a change that lets several start still starts them all, one wake each. Waking all eight
+at every open cost a cold read of 300 small files about 2,400 thread switches for nothing: the
+items of a series whose zip brings them are queued but left to the zip, and every woken worker
+only found that out and slept again. A worker that ends its fetch looks for the next item itself.
+Where nothing wakes them, idle workers look again after ``RECHECK`` (a second) while items are
+queued (an item left to the zip may become the singles' as time passes).
 """
 
 from __future__ import annotations
@@ -33,6 +42,9 @@ log = logging.getLogger(__name__)
 
 #: A series not wanted for this long loses its queued read-ahead.
 STALE_AFTER = 30.0
+#: Seconds idle workers wait before looking at the queue again while items are queued and nothing
+#: woke them (an item left to the zip may become the singles' as time passes).
+RECHECK = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +61,13 @@ class Prefetcher:
 
     def __init__(self, fetch: Callable[[Item], bool], *, workers: int, budget: Budget,
                  stale_after: float = STALE_AFTER, clock: Callable[[], float] = time.monotonic,
-                 leave: Callable[[Hashable, Item], bool] | None = None) -> None:
+                 leave: Callable[[Hashable, Item], bool] | None = None, recheck: float = RECHECK) -> None:
         """``leave(series, item)``: whether ``item``, next in its series' queue, is better left to another
         way of fetching for now (asked with the lock held: it must not call back into the prefetcher;
-        call :meth:`wake` when its answer may have turned)."""
+        call :meth:`wake` when its answer may have turned). ``recheck``: see :data:`RECHECK`."""
         self._fetch = fetch
         self._leave = leave
+        self._recheck = recheck
         self._workers = max(0, workers)
         self.budget = budget
         self._stale_after = stale_after
@@ -67,6 +80,7 @@ class Prefetcher:
         self._ahead: dict[Hashable, int] = {}  # fetched ahead, not opened yet: key -> bytes
         self._held: set[Hashable] = set()  # series whose queue waits (their zip runs alone)
         self._threads: list[threading.Thread] = []
+        self._idle_waiters = 0  # callers of idle(): they share the condition, so they are woken all at once
         self._stopped = False
         self.fetched = 0
         self.failed = 0
@@ -104,7 +118,20 @@ class Prefetcher:
         """Wait until nothing runs and nothing queued can start (all done, or what is left waits for the
         budget: files fetched ahead to be opened); False when ``timeout`` passed first."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._running and (not self._queued or self._blocked()), timeout)
+            self._idle_waiters += 1
+            try:
+                return self._cond.wait_for(lambda: not self._running and (not self._queued or self._blocked()),
+                                           timeout)
+            finally:
+                self._idle_waiters -= 1
+
+    def _wake_one(self) -> None:
+        """Wake one idle worker (all waiters while someone waits in :meth:`idle`, who shares the
+        condition and could otherwise take the one wake); lock held."""
+        if self._idle_waiters:
+            self._cond.notify_all()
+        else:
+            self._cond.notify()
 
     def _blocked(self) -> bool:
         """Whether the next queued item waits for the budget or for its series to be let go (lock held)."""
@@ -142,7 +169,10 @@ class Prefetcher:
                 self._queued.add(item.key)
                 added += 1
             if added:
-                self._cond.notify_all()
+                if self._idle_waiters:
+                    self._cond.notify_all()
+                else:
+                    self._cond.notify(added)
             return added
 
     def touch(self, series: Hashable) -> None:
@@ -183,7 +213,7 @@ class Prefetcher:
             if size is not None:
                 self.budget.opened(size)
                 if self._queued:  # only a queued item can have waited for the budget
-                    self._cond.notify_all()
+                    self._wake_one()
 
     def note_ahead(self, key: Hashable, size: int) -> None:
         """A file fetched ahead another way (the series zip) waits to be opened: it counts in the budget."""
@@ -230,11 +260,13 @@ class Prefetcher:
                     item = self._next()
                     if item is not None:
                         break
-                    self._cond.wait(1.0 if self._queued else None)
+                    self._cond.wait(self._recheck if self._queued else None)
                 if self._stopped or item is None:
                     return
                 self._running.add(item.key)
                 self.budget.started(item.size)
+                if self._queued:  # the next item may start too: its worker passes the wake on in turn
+                    self._wake_one()
             kept = False
             try:
                 kept = self._fetch(item)
@@ -247,5 +279,5 @@ class Prefetcher:
                 self.budget.ended(item.size, kept)
                 if kept:
                     self._ahead[item.key] = item.size
-                if self._queued or not self._running:  # a queued item's budget, or idle()'s waiters
+                if self._idle_waiters and not self._running:  # (this worker looks for the next item itself)
                     self._cond.notify_all()
