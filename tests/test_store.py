@@ -495,6 +495,24 @@ def test_a_reader_walking_in_order_is_read_ahead_of_and_each_file_is_fetched_onc
     assert sum(store.contains(n) for n in SIBLINGS[30:]) >= 16  # the window ran ahead of the reader
 
 
+@pytest.mark.parametrize("series_zip", [False, True])
+def test_files_another_process_cached_are_not_fetched_again_by_a_reader_walking_in_order(make_store, client,
+                                                                                        series_zip):
+    reader = make_store(series_zip=series_zip)
+    assert reader._index._scanned.wait(WAIT)  # its scan of the cache ended: it found nothing
+    writer = make_store(series_zip=False)  # another process on the same cache dir (nbiafs prefetch)
+    for n in SIBLINGS[:60]:
+        read_all(writer, n)
+    paths = [reader._index.path_for(n.series_uid, n.sop_uid) for n in SIBLINGS[:60]]
+    assert all(os.path.exists(p) and reader._index.known(p) is None for p in paths)
+    for n in SIBLINGS[:30]:  # its planning knows only memory: the disk is looked at before each fetch
+        assert read_all(reader, n) == body(client, n)
+        reader.on_open(n, SIBLINGS)
+    assert reader.wait_prefetched(WAIT)
+    assert all(fetches(client, n) == 1 for n in SIBLINGS[:60])  # the writer's fetch only
+    assert client.calls["image_zip"] == 0  # the zip would bring files that are there
+
+
 def test_a_reader_of_a_cached_series_has_its_next_files_hinted_to_the_disk_a_few_at_a_time(make_store, client,
                                                                                            monkeypatch):
     monkeypatch.setattr("nbiafs.store.READ_SOON_AHEAD", 4 * 5000)  # four files ahead at most
@@ -889,6 +907,19 @@ def test_the_index_scan_learns_what_another_process_wrote(tmp_path, client, make
     read_all(writer, node(5))
     index = CacheIndex(tmp_path, "http://emu|nbia_guest", 10**9)
     assert index.scan() == 1 and index.total == 5000
+
+
+def test_known_answers_from_memory_only_and_lookup_adopts_what_another_process_wrote(tmp_path, make_store,
+                                                                                     monkeypatch):
+    writer = make_store()
+    read_all(writer, node(6))
+    index = CacheIndex(tmp_path, "http://emu|nbia_guest", 10**9)  # started before the file was there
+    path = index.path_for(SERIES, node(6).sop_uid)
+    with monkeypatch.context() as m:
+        m.setattr(os, "stat", lambda *a, **k: pytest.fail("known() looked at the disk"))
+        assert index.known(path) is None
+    entry = index.lookup(path)
+    assert entry is not None and index.known(path) == entry and index.total == 5000
 
 
 def test_md5s_of_a_series_are_md5_of_each_and_a_series_never_cached_is_one_look_at_the_disk(make_store,

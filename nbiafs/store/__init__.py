@@ -402,11 +402,11 @@ class InstanceStore(CacheJobs):
         return self._prefetcher.want(series_uid, items, from_end=zf is not None)
 
     def _in_cache(self, node: InstanceRef) -> tuple[str, bool]:
-        """The cache path of ``node`` ("" when it names no instance) and whether the file is there."""
+        """The cache path of ``node`` ("" when it names no instance) and whether memory knows it is there."""
         if not node.series_uid or not node.sop_uid:
             return "", False
         path = self._index.path_for(node.series_uid, node.sop_uid)
-        return path, self._index.lookup(path) is not None
+        return path, self._index.known(path) is not None  # (a worker looks at the disk before it fetches)
 
     def prefetch(self, nodes: Iterable[InstanceRef]) -> int:
         """Fetch ``nodes`` in the background (skipping what is cached); returns how many were queued."""
@@ -453,6 +453,8 @@ class InstanceStore(CacheJobs):
 
     # ----------------------------------------------------------------- the series zip
     def _cached_ahead(self, siblings: Sequence[InstanceRef], position: int) -> int:
+        """How many of the next files are cached, on disk (once per series read from its start: a
+        series another process cached gets no zip, though memory does not know its files yet)."""
         ahead = siblings[position + 1:position + 1 + ZIP_MIN_REST]
         return sum(1 for f in ahead if f.series_uid and f.sop_uid
                    and self._index.lookup(self._index.path_for(f.series_uid, f.sop_uid)) is not None)
@@ -543,8 +545,8 @@ class InstanceStore(CacheJobs):
             return
         zf.allow(position + 1)
 
-        def claimed() -> bool:
-            return path in self._downloads or os.path.exists(path)
+        def claimed() -> bool:  # (the open looked at the disk just before: memory says the rest)
+            return path in self._downloads or self._index.known(path) is not None
 
         with self._settled:
             if claimed():
@@ -569,7 +571,7 @@ class InstanceStore(CacheJobs):
         with self._lock:
             if path in self._downloads:
                 return True
-        return self._index.lookup(path) is not None
+        return self._index.known(path) is not None  # (one on disk unknown to memory: its delivery finds it)
 
     def _deliver_from_zip(self, node: InstanceRef, member: Any) -> bool | None:
         """Fetch ``node`` with the zip ``member`` as its body (in the zip's thread); a body that breaks
@@ -638,7 +640,6 @@ class InstanceStore(CacheJobs):
         the file became complete meanwhile. ``reader``: the caller will read from it (counted at once,
         so the fetch keeps its bytes readable for it even if it ends before the caller reads)."""
         series_uid, sop_uid = _ids(node)
-        part = self._index.part_for(path)
         with self._lock:
             download = self._downloads.get(path)
             if download is not None and download.failed:
@@ -650,7 +651,7 @@ class InstanceStore(CacheJobs):
             if os.path.exists(path):
                 return None
             expected = int(node.size) if node.size and node.size > 0 else None
-            download = Download(final=path, part=part, series_uid=series_uid,
+            download = Download(final=path, part=self._index.part_for(path), series_uid=series_uid,
                                 sop_uid=sop_uid, expected_size=expected, server_md5=server_md5)
             download.on_chunk = self._on_chunk
             if reader:

@@ -125,7 +125,9 @@ class CacheIndex:
         with self._lock:
             self._part_counter += 1
             n = self._part_counter
-        os.makedirs(os.path.dirname(final), exist_ok=True)
+        folder = os.path.dirname(final)
+        if not os.path.isdir(folder):  # (one stat: makedirs of a folder that is there raises inside)
+            os.makedirs(folder, exist_ok=True)
         return f"{final}{PART}{os.getpid()}.{n}"
 
     # ------------------------------------------------------------------ lookups
@@ -140,6 +142,15 @@ class CacheIndex:
         except OSError:
             return None
         return self._adopt(path, st.st_size, st.st_mtime)
+
+    def known(self, path: str) -> Entry | None:
+        """The entry of ``path`` if memory knows it (no disk access): for planning, where a file another
+        process put in the cache (or one the start's scan has not reached yet) may be missed, because
+        what is then fetched is looked up with :meth:`lookup` first. Each miss of :meth:`lookup` is a
+        ``stat``, and on the paths a zip and its reader take for every file those were most of the
+        syscalls, each one a moment the thread gives up the GIL to the others."""
+        with self._lock:
+            return self._entries.get(path)
 
     def touch(self, entry: Entry) -> None:
         """``entry`` was used now: most recently used in memory; on disk at the next flush."""
