@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import csv
 import io
+import itertools
 import logging
 import threading
 import time
@@ -264,7 +265,7 @@ class ZipFetch:
     def _all_claimed(self, start: int) -> bool:
         """Whether every file from position ``start`` on is cached or being fetched (the first one that
         is not ends the scan: it is usually the next)."""
-        return all(self._skip(f) for f in self._files[start:])
+        return all(self._skip(f) for f in itertools.islice(self._files, start, None))
 
     def _check_md5s(self, data: bytes) -> None:
         try:
