@@ -913,7 +913,7 @@ def test_known_answers_from_memory_only_and_lookup_adopts_what_another_process_w
                                                                                      monkeypatch):
     writer = make_store()
     read_all(writer, node(6))
-    index = CacheIndex(tmp_path, "http://emu|nbia_guest", 10**9)  # started before the file was there
+    index = CacheIndex(tmp_path, "http://emu|nbia_guest", 10**9)  # never scanned: memory knows no file
     path = index.path_for(SERIES, node(6).sop_uid)
     with monkeypatch.context() as m:
         m.setattr(os, "stat", lambda *a, **k: pytest.fail("known() looked at the disk"))

@@ -125,13 +125,13 @@ class Prefetcher:
             finally:
                 self._idle_waiters -= 1
 
-    def _wake_one(self) -> None:
-        """Wake one idle worker (all waiters while someone waits in :meth:`idle`, who shares the
-        condition and could otherwise take the one wake); lock held."""
+    def _wake(self, n: int = 1) -> None:
+        """Wake ``n`` idle workers (all waiters while someone waits in :meth:`idle`, who shares the
+        condition and could otherwise take a wake meant for a worker); lock held."""
         if self._idle_waiters:
             self._cond.notify_all()
         else:
-            self._cond.notify()
+            self._cond.notify(n)
 
     def _blocked(self) -> bool:
         """Whether the next queued item waits for the budget or for its series to be let go (lock held)."""
@@ -169,10 +169,7 @@ class Prefetcher:
                 self._queued.add(item.key)
                 added += 1
             if added:
-                if self._idle_waiters:
-                    self._cond.notify_all()
-                else:
-                    self._cond.notify(added)
+                self._wake(added)
             return added
 
     def touch(self, series: Hashable) -> None:
@@ -213,7 +210,7 @@ class Prefetcher:
             if size is not None:
                 self.budget.opened(size)
                 if self._queued:  # only a queued item can have waited for the budget
-                    self._wake_one()
+                    self._wake()
 
     def note_ahead(self, key: Hashable, size: int) -> None:
         """A file fetched ahead another way (the series zip) waits to be opened: it counts in the budget."""
@@ -266,7 +263,7 @@ class Prefetcher:
                 self._running.add(item.key)
                 self.budget.started(item.size)
                 if self._queued:  # the next item may start too: its worker passes the wake on in turn
-                    self._wake_one()
+                    self._wake()
             kept = False
             try:
                 kept = self._fetch(item)
