@@ -513,14 +513,22 @@ def test_files_another_process_cached_are_not_fetched_again_by_a_reader_walking_
     assert client.calls["image_zip"] == 0  # the zip would bring files that are there
 
 
+@pytest.mark.parametrize("scan", ["ended", "held"])
 def test_a_reader_of_a_cached_series_has_its_next_files_hinted_to_the_disk_a_few_at_a_time(make_store, client,
-                                                                                           monkeypatch):
+                                                                                           monkeypatch, scan, request):
     monkeypatch.setattr("nbiafs.store.READ_SOON_AHEAD", 4 * 5000)  # four files ahead at most
     first = make_store(series_zip=False)
     for n in SIBLINGS[:60]:  # cache them first
         read_all(first, n)
     first.close()
+    release = threading.Event()
+    request.addfinalizer(release.set)
+    if scan == "held":  # the remount's scan of a big cache is still running while the reader walks
+        original = CacheIndex.scan
+        monkeypatch.setattr(CacheIndex, "scan", lambda self: release.wait(WAIT) and original(self))
     store = make_store(series_zip=False)  # a remount: nothing known of the reader
+    if scan == "ended":
+        assert store._index._scanned.wait(WAIT)
     hinted: list[list[str]] = []
     monkeypatch.setattr(store._read_soon, "hint", lambda paths: hinted.append(list(paths)))
     for n in SIBLINGS[:40]:
@@ -909,17 +917,28 @@ def test_the_index_scan_learns_what_another_process_wrote(tmp_path, client, make
     assert index.scan() == 1 and index.total == 5000
 
 
-def test_known_answers_from_memory_only_and_lookup_adopts_what_another_process_wrote(tmp_path, make_store,
-                                                                                     monkeypatch):
+def test_known_answers_from_memory_once_scanned_and_lookup_adopts_what_another_process_wrote(tmp_path, make_store,
+                                                                                            monkeypatch):
+    index = CacheIndex(tmp_path, "http://emu|nbia_guest", 10**9)
+    assert index.scan() == 0
     writer = make_store()
-    read_all(writer, node(6))
-    index = CacheIndex(tmp_path, "http://emu|nbia_guest", 10**9)  # never scanned: memory knows no file
+    read_all(writer, node(6))  # written after the scan, by another process
     path = index.path_for(SERIES, node(6).sop_uid)
     with monkeypatch.context() as m:
         m.setattr(os, "stat", lambda *a, **k: pytest.fail("known() looked at the disk"))
         assert index.known(path) is None
     entry = index.lookup(path)
     assert entry is not None and index.known(path) == entry and index.total == 5000
+
+
+def test_known_looks_at_the_disk_until_the_start_scan_has_ended(tmp_path, make_store):
+    writer = make_store()
+    read_all(writer, node(6))
+    index = CacheIndex(tmp_path, "http://emu|nbia_guest", 10**9)  # a remount whose scan has not ended
+    path = index.path_for(SERIES, node(6).sop_uid)
+    entry = index.known(path)
+    assert entry is not None and entry.size == 5000 and index.total == 5000
+    assert index.known(index.path_for(SERIES, node(7).sop_uid)) is None  # not cached: a miss, still
 
 
 def test_md5s_of_a_series_are_md5_of_each_and_a_series_never_cached_is_one_look_at_the_disk(make_store,

@@ -402,7 +402,7 @@ class InstanceStore(CacheJobs):
         return self._prefetcher.want(series_uid, items, from_end=zf is not None)
 
     def _in_cache(self, node: InstanceRef) -> tuple[str, bool]:
-        """The cache path of ``node`` ("" when it names no instance) and whether memory knows it is there."""
+        """The cache path of ``node`` ("" when it names no instance) and whether the index knows it is there."""
         if not node.series_uid or not node.sop_uid:
             return "", False
         path = self._index.path_for(node.series_uid, node.sop_uid)

@@ -144,11 +144,15 @@ class CacheIndex:
         return self._adopt(path, st.st_size, st.st_mtime)
 
     def known(self, path: str) -> Entry | None:
-        """The entry of ``path`` if memory knows it (no disk access): for planning, where a file another
-        process put in the cache (or one the start's scan has not reached yet) may be missed, because
-        what is then fetched is looked up with :meth:`lookup` first. Each miss of :meth:`lookup` is a
-        ``stat``, and on the paths a zip and its reader take for every file those were most of the
-        syscalls, each one a moment the thread gives up the GIL to the others."""
+        """The entry of ``path`` if memory knows it: for planning, where a file another process put in
+        the cache since the start's scan may be missed, because what is then fetched is looked up with
+        :meth:`lookup` first. Each miss of :meth:`lookup` is a ``stat``, and on the paths a zip and its
+        reader take for every file those were most of the syscalls, each one a moment the thread gives up
+        the GIL to the others. Until the start's scan has ended memory knows nothing of what earlier
+        mounts cached, so until then this is :meth:`lookup` (a remount's reader of a cached series has
+        its next files read from the disk ahead of it, and no read-ahead queued for them)."""
+        if not self._scanned.is_set():
+            return self.lookup(path)
         with self._lock:
             return self._entries.get(path)
 
