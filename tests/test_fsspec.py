@@ -19,7 +19,7 @@ from typing import Any
 import fsspec
 import pydicom
 import pytest
-from conftest import visible_walk
+from conftest import visible_walk, wait_until
 
 from nbiafs import naming
 from nbiafs.fsspec_nbia import FSSPEC_OPTIONS, NbiaFileSystem, settings_from
@@ -217,6 +217,8 @@ def test_a_file_fetched_by_either_is_cached_for_the_other(make_emulator, make_fs
     assert emu.stats()["getSingleImage"] == 0
     mounted = (m.path / second).read_bytes()  # fetched by the mount ...
     assert emu.stats()["getSingleImage"] == 1
+    # (a reader has every byte a moment before the mount's checks rename its part file into place)
+    assert wait_until(lambda: len(list(cache.rglob("*.dcm"))) == 2, 30)
     assert fs.cat_file(second) == mounted  # ... a cache hit for fsspec
     assert emu.stats()["getSingleImage"] == 1
 
