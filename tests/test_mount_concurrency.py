@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import ls, series_of_count
+from conftest import ls, series_of_count, wait_until
 
 pytestmark = pytest.mark.fuse
 
@@ -55,6 +55,7 @@ def test_a_slow_fetch_does_not_block_listing_or_reading_other_files(emulator, mo
     slow_series = series_of_count(m.path, "Demo-Chest-CT", "DCC-0001", 3)
     other_series = series_of_count(m.path, "Demo-Chest-CT", "DCC-0002", 6)
     slow_file = slow_series / "1-001.dcm"
+    emulator.reset_stats()  # (the session's emulator has counted earlier tests' fetches)
     emulator.inject_fault("getSingleImage", delay=5, count=1)
     slow_done = threading.Event()
     outcome: list[object] = []
@@ -69,9 +70,8 @@ def test_a_slow_fetch_does_not_block_listing_or_reading_other_files(emulator, mo
     reader = threading.Thread(target=slow_reader)
     reader.start()
     try:
-        # wait until the slow request has reached the server (it holds the only fault)
-        from conftest import wait_until
-
+        # wait until the slow request has reached the server (it takes the only fault): before it does,
+        # one of the reads below could take the fault instead
         assert wait_until(lambda: emulator.stats()["getSingleImage"] >= 1, timeout=10)
         # meanwhile: list a directory never listed before, and read other files
         assert len(ls(m.path / "Demo-Head-MR" / "DHM-0002")) == 1
