@@ -63,6 +63,10 @@ HEAL_PASSES = 1
 #: Exit statuses of an interrupted run (as a shell reports a process killed by SIGINT / SIGTERM).
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+#: Seconds between the main thread's looks for a signal while the work runs. The kernel may deliver
+#: Ctrl-C to any thread; Python then only flags it, and a main thread blocked in an untimed wait
+#: would never run the handler (the stop would be lost). A timed wait returns to the interpreter.
+SIGNAL_POLL = 0.2
 
 
 def resolve_command(args: argparse.Namespace, groups: Sequence[str]) -> Resolved:
@@ -299,19 +303,26 @@ def run_stoppable(work: Callable[[], T], stop: threading.Event,
     code: int | None = None
     with _sigterm_as_interrupt():
         thread = threading.Thread(target=target, name="nbiafs-job", daemon=True)
-        thread.start()
         try:
-            done.wait()
+            thread.start()  # inside: a Ctrl-C the moment the job starts must stop it too
+            _wait_seeing_signals(done)
         except KeyboardInterrupt as exc:
             code = EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
             stop.set()
             on_stop()
-            done.wait()
+            if thread.ident is not None:  # it started: wait for it to see the stop
+                _wait_seeing_signals(done)
     if "error" in result and code is None:
         raise result["error"]
     if "error" in result:
         log.info("after the interruption: %s", result["error"])
     return result.get("value"), code
+
+
+def _wait_seeing_signals(done: threading.Event) -> None:
+    """``done.wait()`` that still raises for a Ctrl-C/SIGTERM the kernel gave another thread (see SIGNAL_POLL)."""
+    while not done.wait(SIGNAL_POLL):
+        pass
 
 
 def lost_under_the_store(outcome: Any) -> bool:
